@@ -1,0 +1,124 @@
+//! The API's one error type. Each error is answered as an RFC 9457 problem document; server
+//! faults are logged with their cause and answered without it.
+
+use axum::{
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+use tally_workflows::{DbError, jobs::JobError, users::UserError};
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    /// Short machine-readable name; the problem `type` is `https://tally.dev/problems/<slug>`.
+    pub slug: &'static str,
+    pub detail: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            slug,
+            detail: detail.into(),
+        }
+    }
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad-request", detail)
+    }
+    pub fn invalid(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation-failed",
+            detail,
+        )
+    }
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", detail)
+    }
+    pub fn conflict(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", detail)
+    }
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+    }
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", detail)
+    }
+    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the server failed to handle this request; it has been logged",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let title = self.status.canonical_reason().unwrap_or("Error");
+        let body = json!({
+            "type": format!("https://tally.dev/problems/{}", self.slug),
+            "title": title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        let mut resp = (self.status, body.to_string()).into_response();
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        ApiError::internal(&e)
+    }
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::NotFound => ApiError::not_found("no job with this id"),
+            JobError::IdempotencyConflict(_) => {
+                ApiError::new(StatusCode::CONFLICT, "idempotency-conflict", e.to_string())
+            }
+            JobError::Conflict(msg) => ApiError::conflict(msg),
+            JobError::Db(e) => e.into(),
+        }
+    }
+}
+
+impl From<UserError> for ApiError {
+    fn from(e: UserError) -> Self {
+        match e {
+            UserError::EmailTaken(_) => ApiError::conflict(e.to_string()),
+            UserError::Invalid(msg) => ApiError::invalid(msg),
+            UserError::Db(e) => e.into(),
+        }
+    }
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "this route does not take that method",
+    )
+}
+
+pub fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::internal(&"handler panicked").into_response()
+}

@@ -1,0 +1,276 @@
+//! The job API: submit, poll, list, cancel, retry, and a live event stream.
+
+use std::{convert::Infallible, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+    routing::{get, post},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tally_workflows::{
+    jobs::{self, ListFilter, NewJob, Status},
+    kinds,
+};
+
+use crate::{
+    AppState,
+    auth::Caller,
+    error::ApiError,
+    extract::{ApiJson, ApiQuery, JobId, parse_id},
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/jobs", post(submit).get(list))
+        .route("/v1/jobs/{id}", get(show))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/jobs/{id}/retry", post(retry))
+        .route("/v1/jobs/{id}/events", get(events))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitJob {
+    kind: String,
+    #[serde(default)]
+    input: Value,
+    priority: Option<i64>,
+    run_at: Option<String>,
+    max_attempts: Option<i64>,
+}
+
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+async fn submit(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<SubmitJob>,
+) -> Result<Response, ApiError> {
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let k = v.to_str().ok().map(str::trim).unwrap_or_default();
+            if k.is_empty()
+                || k.len() > MAX_IDEMPOTENCY_KEY
+                || !k.chars().all(|c| c.is_ascii_graphic())
+            {
+                return Err(ApiError::bad_request(format!(
+                    "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+                )));
+            }
+            Some(k.to_owned())
+        }
+    };
+    let spec = kinds::lookup(&body.kind).ok_or_else(|| {
+        ApiError::invalid(
+            kinds::validate_input(&body.kind, &body.input)
+                .err()
+                .unwrap_or_default(),
+        )
+    })?;
+    kinds::validate_input(&body.kind, &body.input).map_err(ApiError::invalid)?;
+    let priority = match body.priority {
+        None => 0,
+        Some(p @ 0..=100) => p as i32,
+        Some(p) => {
+            return Err(ApiError::invalid(format!(
+                "priority must be between 0 and 100, not {p}"
+            )));
+        }
+    };
+    let max_attempts = match body.max_attempts {
+        None => state.cfg.jobs.default_max_attempts,
+        Some(n @ 1..=100) => n as u32,
+        Some(n) => {
+            return Err(ApiError::invalid(format!(
+                "max_attempts must be between 1 and 100, not {n}"
+            )));
+        }
+    };
+    let run_at_ms = match &body.run_at {
+        None => None,
+        Some(t) => Some(
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map_err(|e| {
+                    ApiError::invalid(format!(
+                        "run_at must be an RFC 3339 timestamp such as 2030-01-01T00:00:00Z ({e})"
+                    ))
+                })?
+                .timestamp_millis(),
+        ),
+    };
+    let canonical = json!({
+        "kind": body.kind, "input": body.input, "priority": priority,
+        "run_at": run_at_ms, "max_attempts": body.max_attempts,
+    });
+    let new = NewJob {
+        kind: body.kind,
+        queue: spec.queue,
+        input: body.input,
+        priority,
+        run_at_ms,
+        max_attempts,
+        idempotency_key: key,
+        request_hash: hex(&Sha256::digest(canonical.to_string().as_bytes())),
+    };
+    let (job, created) = jobs::submit(&state.db, &user.id, new).await?;
+    let mut resp = (StatusCode::ACCEPTED, Json(job.view())).into_response();
+    if !created {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn show(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    JobId(id): JobId,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(jobs::get(&state.db, &id, &user).await?.view()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    status: Option<String>,
+    kind: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    ApiQuery(p): ApiQuery<ListParams>,
+) -> Result<Json<Value>, ApiError> {
+    let status = match p.status.as_deref() {
+        None => None,
+        Some(s) => Some(Status::parse(s).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "status must be one of {}, not {s:?}",
+                Status::ALL.map(|s| s.as_str()).join(", ")
+            ))
+        })?),
+    };
+    let before = match p.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(parse_id(c).ok_or_else(|| {
+            ApiError::bad_request(format!("{c:?} is not a cursor from a previous page"))
+        })?),
+    };
+    let limit = match p.limit {
+        None => 50,
+        Some(n @ 1..=200) => n,
+        Some(n) => {
+            return Err(ApiError::bad_request(format!(
+                "limit must be between 1 and 200, not {n}"
+            )));
+        }
+    };
+    let filter = ListFilter {
+        status,
+        kind: p.kind,
+        before,
+        limit,
+    };
+    let (page, next) = jobs::list(&state.db, &user.id, &filter).await?;
+    Ok(Json(json!({
+        "jobs": page.iter().map(|j| j.view()).collect::<Vec<_>>(),
+        "next_cursor": next,
+    })))
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    JobId(id): JobId,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(jobs::cancel(&state.db, &id, &user).await?.view()))
+}
+
+async fn retry(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    JobId(id): JobId,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(jobs::retry(&state.db, &id, &user).await?.view()),
+    ))
+}
+
+/// How often the event stream looks at the job.
+const EVENTS_POLL: Duration = Duration::from_millis(100);
+
+/// Server-sent events: a `status` event with the whole job each time it changes; the stream ends
+/// after the job reaches `succeeded`, `cancelled` or `dead`.
+async fn events(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    JobId(id): JobId,
+) -> Result<impl IntoResponse, ApiError> {
+    let first = jobs::get(&state.db, &id, &user).await?;
+    struct Watch {
+        state: AppState,
+        user: tally_workflows::users::User,
+        id: String,
+        last: Option<(i64, String)>,
+        pending: Option<jobs::Job>,
+        done: bool,
+    }
+    let watch = Watch {
+        state,
+        user,
+        id,
+        last: None,
+        pending: Some(first),
+        done: false,
+    };
+    let stream = futures::stream::unfold(watch, |mut w| async move {
+        if w.done {
+            return None;
+        }
+        loop {
+            let job = match w.pending.take() {
+                Some(job) => Ok(job),
+                None => jobs::get(&w.state.db, &w.id, &w.user).await,
+            };
+            match job {
+                Ok(job) => {
+                    let seen = (job.updated_at, job.status.clone());
+                    if w.last.as_ref() != Some(&seen) {
+                        w.last = Some(seen);
+                        w.done = job.status().is_terminal();
+                        let event = Event::default()
+                            .event("status")
+                            .data(job.view().to_string());
+                        return Some((Ok::<_, Infallible>(event), w));
+                    }
+                }
+                Err(e) => {
+                    w.done = true;
+                    let event = Event::default()
+                        .event("error")
+                        .data(json!({ "detail": e.to_string() }).to_string());
+                    return Some((Ok(event), w));
+                }
+            }
+            tokio::time::sleep(EVENTS_POLL).await;
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

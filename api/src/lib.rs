@@ -1,0 +1,58 @@
+//! Tally's HTTP API.
+//!
+//! # Layout
+//! - [`error`]: [`ApiError`], the one error type; every 4xx/5xx is `application/problem+json`.
+//! - [`extract`]: JSON, query and path extractors whose rejections answer in that format.
+//! - [`auth`]: bearer API keys → [`Caller`]; admin-only routes take [`Admin`].
+//! - [`jobs`], [`users`], [`health`]: one router per area, merged in [`router`].
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod jobs;
+pub mod users;
+
+use std::{future::Future, sync::Arc};
+
+use axum::{Router, extract::DefaultBodyLimit};
+use tally_workflows::{Db, config::Config};
+use tokio::net::TcpListener;
+
+pub use auth::{Admin, Caller};
+pub use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub cfg: Arc<Config>,
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let limit = state.cfg.api.body_limit;
+    Router::new()
+        .merge(health::router())
+        .merge(jobs::router())
+        .merge(users::router())
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            error::panicked,
+        ))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves; requests in flight are finished.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

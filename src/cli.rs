@@ -1,0 +1,335 @@
+//! Commands, flags and the one place that turns errors into a message and an exit code
+//! (2: bad configuration or usage; 3: the database; 1: anything else).
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc};
+
+use clap::{Parser, Subcommand};
+use tally_api::AppState;
+use tally_workers::WorkerPool;
+use tally_workflows::{
+    Db, DbError,
+    config::{Config, ConfigError},
+    users::{self, Role, UserError},
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "tally", version, about = "A job platform for AI products")]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true, env = "TALLY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Database: postgres://... or sqlite://FILE (default: sqlite://<data-dir>/tally.db).
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    /// Folder for the embedded database and local state.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// API, every worker pool and cron in one process, on SQLite, with no setup.
+    Dev {
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+    },
+    /// The API only.
+    Serve {
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+    },
+    /// One worker process; start more to scale.
+    Work {
+        /// Comma-separated queues to serve (ai, payments, notify, system).
+        #[arg(long, value_delimiter = ',')]
+        queues: Option<Vec<String>>,
+        /// Jobs run at once per queue.
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+    /// Apply database migrations, then exit.
+    Migrate,
+    /// Manage users.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Print the effective configuration, secrets redacted.
+    Config,
+    /// Measure enqueue and drain throughput and HTTP submission rate.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum UsersCommand {
+    /// Create a user and print their API key (shown once).
+    Create {
+        #[arg(long)]
+        email: String,
+        #[arg(long, default_value = "user")]
+        role: String,
+    },
+}
+
+/// An error as the CLI reports it.
+#[derive(Debug)]
+pub struct CliError {
+    pub message: String,
+    pub hint: Option<String>,
+    pub code: u8,
+}
+
+impl CliError {
+    pub fn usage(message: impl Into<String>) -> Self {
+        CliError {
+            message: message.into(),
+            hint: None,
+            code: 2,
+        }
+    }
+    pub fn other(message: impl Into<String>) -> Self {
+        CliError {
+            message: message.into(),
+            hint: None,
+            code: 1,
+        }
+    }
+    fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+impl From<ConfigError> for CliError {
+    fn from(e: ConfigError) -> Self {
+        CliError::usage(e.to_string())
+    }
+}
+
+impl From<DbError> for CliError {
+    fn from(e: DbError) -> Self {
+        let hint = match &e {
+            DbError::BadUrl(_) => None,
+            _ => Some("check DATABASE_URL and that the database server is running".to_owned()),
+        };
+        CliError {
+            message: e.to_string(),
+            hint,
+            code: if matches!(e, DbError::BadUrl(_)) {
+                2
+            } else {
+                3
+            },
+        }
+    }
+}
+
+impl From<UserError> for CliError {
+    fn from(e: UserError) -> Self {
+        match e {
+            UserError::Db(e) => e.into(),
+            other => CliError::usage(other.to_string()),
+        }
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        CliError::other(e.to_string())
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,apalis=warn,apalis_core=warn,sqlx=warn")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+impl Cli {
+    fn overrides(&self) -> BTreeMap<String, toml::Value> {
+        let mut o = BTreeMap::new();
+        if let Some(url) = &self.database_url {
+            o.insert("database_url".into(), toml::Value::String(url.clone()));
+        }
+        if let Some(dir) = &self.data_dir {
+            o.insert(
+                "data_dir".into(),
+                toml::Value::String(dir.display().to_string()),
+            );
+        }
+        match &self.command {
+            Command::Dev { addr: Some(a) } | Command::Serve { addr: Some(a) } => {
+                o.insert("addr".into(), toml::Value::String(a.to_string()));
+            }
+            Command::Work {
+                queues,
+                concurrency,
+            } => {
+                if let Some(q) = queues {
+                    o.insert(
+                        "worker.queues".into(),
+                        toml::Value::Array(
+                            q.iter()
+                                .map(|s| toml::Value::String(s.trim().to_owned()))
+                                .collect(),
+                        ),
+                    );
+                }
+                if let Some(c) = concurrency {
+                    o.insert("worker.concurrency".into(), toml::Value::Integer(*c as i64));
+                }
+            }
+            _ => {}
+        }
+        o
+    }
+}
+
+/// SIGTERM or Ctrl-C, once, for every part of the process.
+fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+                }
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown signal received");
+        t.cancel();
+    });
+    token
+}
+
+async fn open(cfg: &Config) -> Result<Db, CliError> {
+    Ok(Db::connect(&cfg.database_url(), cfg.max_connections).await?)
+}
+
+async fn open_ready(cfg: &Config) -> Result<Db, CliError> {
+    let db = open(cfg).await?;
+    if !db.ready().await? {
+        return Err(
+            CliError::usage("the database is not migrated").hint("run `tally migrate` first")
+        );
+    }
+    Ok(db)
+}
+
+/// Makes sure an admin can log in: the `TALLY_ADMIN_KEY` one, or (when `create` and no admin
+/// exists yet) a new one whose key is printed.
+async fn ensure_admin(db: &Db, cfg: &Config, create: bool) -> Result<(), CliError> {
+    if let Some(key) = &cfg.admin_key {
+        users::ensure_admin_key(db, key.expose()).await?;
+    } else if create && !users::admin_exists(db).await? {
+        let admin = users::create(db, "admin@tally.local", Role::Admin, None).await?;
+        println!(
+            "created admin user {} with API key: {}",
+            admin.email, admin.api_key
+        );
+    }
+    Ok(())
+}
+
+async fn bind(cfg: &Config) -> Result<tokio::net::TcpListener, CliError> {
+    tokio::net::TcpListener::bind(cfg.addr)
+        .await
+        .map_err(|e| CliError::usage(format!("cannot listen on {}: {e}", cfg.addr)))
+}
+
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    init_tracing();
+    let cfg = Config::load(cli.config.as_deref(), cli.overrides())?;
+    match cli.command {
+        Command::Config => {
+            print!("{}", cfg.redacted_toml());
+            Ok(())
+        }
+        Command::Migrate => {
+            let db = open(&cfg).await?;
+            db.migrate().await?;
+            println!("migrations applied ({})", db.backend().name());
+            Ok(())
+        }
+        Command::Users {
+            command: UsersCommand::Create { email, role },
+        } => {
+            let role = Role::parse(&role).ok_or_else(|| {
+                CliError::usage(format!("--role must be user or admin, not {role:?}"))
+            })?;
+            let db = open_ready(&cfg).await?;
+            let user = users::create(&db, &email, role, None).await?;
+            println!(
+                "{}",
+                serde_json::json!({ "id": user.id, "email": user.email, "role": user.role, "api_key": user.api_key })
+            );
+            Ok(())
+        }
+        Command::Dev { .. } => {
+            let db = open(&cfg).await?;
+            db.migrate().await?;
+            ensure_admin(&db, &cfg, true).await?;
+            let listener = bind(&cfg).await?;
+            let addr = listener.local_addr()?;
+            println!(
+                "Tally dev is listening on http://{addr} (database {})",
+                tally_workflows::config::redact_url(&cfg.database_url())
+            );
+            let token = shutdown_token();
+            let state = AppState {
+                db: db.clone(),
+                cfg: Arc::new(cfg.clone()),
+            };
+            let api = tally_api::serve(listener, state, token.clone().cancelled_owned());
+            let pool = WorkerPool::new(db.clone(), cfg.clone());
+            let workers = pool.run(token.clone().cancelled_owned());
+            let (api, workers) = tokio::join!(api, workers);
+            api?;
+            workers?;
+            db.close().await;
+            Ok(())
+        }
+        Command::Serve { .. } => {
+            let db = open_ready(&cfg).await?;
+            ensure_admin(&db, &cfg, false).await?;
+            let listener = bind(&cfg).await?;
+            println!(
+                "Tally API is listening on http://{}",
+                listener.local_addr()?
+            );
+            let token = shutdown_token();
+            let state = AppState {
+                db: db.clone(),
+                cfg: Arc::new(cfg),
+            };
+            tally_api::serve(listener, state, token.cancelled_owned()).await?;
+            db.close().await;
+            Ok(())
+        }
+        Command::Work { .. } => {
+            let db = open_ready(&cfg).await?;
+            let token = shutdown_token();
+            let pool = WorkerPool::new(db.clone(), cfg);
+            println!("Tally worker {} started", pool.name());
+            pool.run(token.cancelled_owned()).await?;
+            db.close().await;
+            Ok(())
+        }
+        Command::Bench(args) => crate::bench::run(cfg, args).await,
+    }
+}

@@ -1,0 +1,308 @@
+//! The binary's own commands: migrate, serve, users, config, dev.
+
+use std::{process::Stdio, time::Duration};
+
+use serde_json::Value;
+use tokio::io::AsyncBufReadExt;
+
+use crate::helpers::{Backend, fresh_database, scratch_dir, tally};
+
+async fn output(cmd: &mut tokio::process::Command) -> (i32, String, String) {
+    let out = cmd.output().await.expect("run tally");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// Reads lines from a child's stdout until one starts with `prefix`.
+async fn line_starting(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    prefix: &str,
+) -> String {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let line = lines
+                .next_line()
+                .await
+                .expect("read")
+                .expect("process printed it");
+            if line.starts_with(prefix) {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("in time")
+}
+
+fn address(line: &str) -> String {
+    let start = line.find("http://").expect("a URL");
+    line[start..].split_whitespace().next().unwrap().to_owned()
+}
+
+async fn migrate_users_and_serve(backend: Backend) {
+    let Some(url) = fresh_database(backend).await else {
+        return;
+    };
+    // Before migrating, serve and users refuse with a hint.
+    let (code, _, err) = output(
+        tally()
+            .args(["users", "create", "--email", "a@example.com"])
+            .env("DATABASE_URL", &url),
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("tally migrate"), "{err}");
+    let (code, out, err) = output(tally().arg("migrate").env("DATABASE_URL", &url)).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("migrations applied"));
+    // Migrating twice is harmless.
+    assert_eq!(
+        output(tally().arg("migrate").env("DATABASE_URL", &url))
+            .await
+            .0,
+        0
+    );
+    let (code, out, err) = output(
+        tally()
+            .args([
+                "users",
+                "create",
+                "--email",
+                "ops@example.com",
+                "--role",
+                "admin",
+            ])
+            .env("DATABASE_URL", &url),
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let created: Value = serde_json::from_str(out.trim()).expect("JSON");
+    let key = created["api_key"].as_str().unwrap().to_owned();
+    let (code, _, err) = output(
+        tally()
+            .args(["users", "create", "--email", "ops@example.com"])
+            .env("DATABASE_URL", &url),
+    )
+    .await;
+    assert_eq!(code, 2, "duplicate email is a usage error: {err}");
+    assert!(err.contains("already exists"), "{err}");
+    let (code, _, err) = output(
+        tally()
+            .args([
+                "users",
+                "create",
+                "--email",
+                "x@example.com",
+                "--role",
+                "god",
+            ])
+            .env("DATABASE_URL", &url),
+    )
+    .await;
+    assert_eq!(code, 2);
+    assert!(err.contains("--role"), "{err}");
+    // serve answers with the key the CLI made.
+    let mut serve = tally()
+        .args(["serve", "--addr", "127.0.0.1:0"])
+        .env("DATABASE_URL", &url)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(serve.stdout.take().unwrap()).lines();
+    let base = address(&line_starting(&mut lines, "Tally API is listening").await);
+    let client = reqwest::Client::new();
+    let ready: Value = client
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "ready");
+    let resp = client
+        .get(format!("{base}/v1/jobs"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let status = std::process::Command::new("kill")
+        .arg(serve.id().unwrap().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(serve.wait().await.unwrap().success(), "SIGTERM exits 0");
+}
+
+async fn dev_runs_everything_with_an_admin_key(backend: Backend) {
+    let dir = scratch_dir();
+    let mut cmd = tally();
+    cmd.args(["dev", "--addr", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .env("TALLY_ADMIN_KEY", "tly_from_the_environment")
+        .stdout(Stdio::piped());
+    if backend == Backend::Postgres {
+        let Some(url) = fresh_database(backend).await else {
+            return;
+        };
+        cmd.env("DATABASE_URL", url);
+    }
+    let mut dev = cmd.spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(dev.stdout.take().unwrap()).lines();
+    let base = address(&line_starting(&mut lines, "Tally dev is listening").await);
+    let client = reqwest::Client::new();
+    let job: Value = client
+        .post(format!("{base}/v1/jobs"))
+        .bearer_auth("tly_from_the_environment")
+        .json(&serde_json::json!({"kind": "echo", "input": "hi"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().expect("submitted").to_owned();
+    let mut done = Value::Null;
+    for _ in 0..200 {
+        done = client
+            .get(format!("{base}/v1/jobs/{id}"))
+            .bearer_auth("tly_from_the_environment")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if done["status"] == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        done["result"], "hi",
+        "dev ran the job with its own workers: {done}"
+    );
+    std::process::Command::new("kill")
+        .arg(dev.id().unwrap().to_string())
+        .status()
+        .unwrap();
+    assert!(dev.wait().await.unwrap().success());
+    if backend == Backend::Sqlite {
+        assert!(
+            dir.join("tally.db").exists(),
+            "dev keeps its database in --data-dir"
+        );
+    }
+}
+
+crate::both_backends!(
+    migrate_users_and_serve,
+    dev_runs_everything_with_an_admin_key
+);
+
+#[tokio::test]
+async fn dev_prints_a_new_admin_key_once() {
+    let dir = scratch_dir();
+    let mut dev = tally()
+        .args(["dev", "--addr", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(dev.stdout.take().unwrap()).lines();
+    let created = line_starting(&mut lines, "created admin user").await;
+    let key = created.rsplit(' ').next().unwrap().to_owned();
+    let base = address(&line_starting(&mut lines, "Tally dev is listening").await);
+    let resp = reqwest::Client::new()
+        .get(format!("{base}/v1/jobs"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    std::process::Command::new("kill")
+        .arg(dev.id().unwrap().to_string())
+        .status()
+        .unwrap();
+    assert!(dev.wait().await.unwrap().success());
+    // A second start on the same data dir finds the admin and prints no new key.
+    let (code, out, _) = output(
+        tally()
+            .args(["users", "create", "--email", "z@example.com"])
+            .arg("--data-dir")
+            .arg(&dir),
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert!(out.contains("api_key"));
+}
+
+#[tokio::test]
+async fn config_layers_and_redacts() {
+    let dir = scratch_dir();
+    let file = dir.join("tally.toml");
+    std::fs::write(
+        &file,
+        "max_connections = 7\n[worker]\nconcurrency = 3\npoll_ms = 500\n",
+    )
+    .unwrap();
+    let (code, out, err) = output(
+        tally()
+            .args(["config", "--config"])
+            .arg(&file)
+            .env("TALLY_WORKER__POLL_MS", "250")
+            .env("DATABASE_URL", "postgres://tally:hunter2@db.internal/tally")
+            .env("TALLY_ADMIN_KEY", "tly_supersecret"),
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("concurrency = 3"), "file value: {out}");
+    assert!(
+        out.contains("poll_ms = 250"),
+        "environment beats the file: {out}"
+    );
+    assert!(out.contains("max_connections = 7"));
+    assert!(
+        !out.contains("hunter2") && !out.contains("tly_supersecret"),
+        "secrets are redacted: {out}"
+    );
+    assert!(out.contains("<redacted>"));
+    // Flags beat the environment.
+    let (code, out, _) = output(
+        tally()
+            .args(["config", "--data-dir", "/from/flag"])
+            .env("TALLY_DATA_DIR", "/from/env"),
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert!(out.contains("data_dir = \"/from/flag\""), "{out}");
+    let (code, _, err) = output(tally().args(["work", "--queues", "bogus"])).await;
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("worker.queues") && err.contains("bogus"),
+        "{err}"
+    );
+    // An invalid value stops the process with a message that names it.
+    let (code, _, err) = output(tally().arg("config").env("TALLY_WORKER__CONCURRENCY", "0")).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("worker.concurrency"), "{err}");
+    let (code, _, err) = output(
+        tally()
+            .arg("config")
+            .env("TALLY_WORKER__LEASE_SECS", "soon"),
+    )
+    .await;
+    assert_eq!(code, 2);
+    assert!(err.contains("lease_secs"), "{err}");
+    let (code, _, err) =
+        output(tally().args(["config", "--config", "/nonexistent/tally.toml"])).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/tally.toml"), "{err}");
+    let (code, _, err) = output(tally().arg("config").env("DATABASE_URL", "mysql://x")).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("database_url"), "{err}");
+}

@@ -1,0 +1,11 @@
+//! Black-box tests: the real router and worker pools, or the real `tally` binary, on port 0
+//! against a fresh SQLite file and a fresh Postgres database. Every behaviour test runs on both.
+//! Under `CI=true` a Postgres test that cannot reach Postgres fails instead of skipping.
+
+mod helpers;
+
+mod auth;
+mod cli;
+mod inputs;
+mod jobs;
+mod processes;

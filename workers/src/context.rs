@@ -1,0 +1,78 @@
+//! What a running job sees.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tally_workflows::{Db, DbError, jobs};
+
+/// Why a kind stopped without a result.
+#[derive(Debug, thiserror::Error)]
+pub enum JobFailure {
+    /// Worth another attempt.
+    #[error("{0}")]
+    Retryable(String),
+    /// Will never work; the job goes straight to `dead`.
+    #[error("{0}")]
+    Fatal(String),
+    /// The job was cancelled while it ran.
+    #[error("cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// The running attempt: who runs it, which attempt it is, and the database it reports to.
+pub struct JobContext {
+    db: Db,
+    job_id: String,
+    worker: String,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    last_check: Option<Instant>,
+}
+
+/// How often a job may look at the database for a cancel request.
+const CANCEL_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+impl JobContext {
+    pub fn new(db: Db, job_id: String, worker: String, attempt: u32) -> Self {
+        JobContext {
+            db,
+            job_id,
+            worker,
+            attempt,
+            last_check: None,
+        }
+    }
+
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+
+    /// Stores progress and stops the job if it was cancelled.
+    pub async fn progress(&mut self, progress: Value) -> Result<(), JobFailure> {
+        let cancel = jobs::report_progress(&self.db, &self.job_id, &self.worker, &progress).await?;
+        self.last_check = Some(Instant::now());
+        if cancel {
+            Err(JobFailure::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A cancel point: returns `Cancelled` if the job was asked to stop. Cheap to call often; it
+    /// reads the database at most every 100 ms.
+    pub async fn checkpoint(&mut self) -> Result<(), JobFailure> {
+        if self
+            .last_check
+            .is_some_and(|t| t.elapsed() < CANCEL_CHECK_EVERY)
+        {
+            return Ok(());
+        }
+        self.last_check = Some(Instant::now());
+        if jobs::cancel_requested(&self.db, &self.job_id, &self.worker).await? {
+            return Err(JobFailure::Cancelled);
+        }
+        Ok(())
+    }
+}

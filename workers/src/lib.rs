@@ -1,0 +1,13 @@
+//! Tally's worker pools.
+//!
+//! # Layout
+//! - [`pool`]: one apalis worker per queue in this process, under one monitor and one shutdown
+//!   signal; on shutdown, hands back what it still holds.
+//! - [`context`]: what a running job sees: its id, progress reporting and the cancel check.
+//! - [`kinds`]: one file per job kind.
+
+pub mod context;
+pub mod kinds;
+pub mod pool;
+
+pub use pool::{WorkerPool, worker_name};

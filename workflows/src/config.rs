@@ -1,0 +1,309 @@
+//! The effective configuration: defaults, then an optional TOML file (`--config` or
+//! `TALLY_CONFIG`), then `TALLY_*` environment variables (`TALLY_WORKER__CONCURRENCY=8` sets
+//! `worker.concurrency`; `DATABASE_URL` is read too), then command-line flags. Later wins.
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+/// A value that never prints: `Debug`, `Display` and `tally config` show `<redacted>`.
+#[derive(Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the API listens.
+    pub addr: SocketAddr,
+    /// Folder for the embedded SQLite database and other local state.
+    pub data_dir: PathBuf,
+    /// `postgres://...` or `sqlite://FILE`; defaults to `sqlite://<data_dir>/tally.db`.
+    pub database_url: Option<Secret>,
+    /// If set, an admin user with exactly this API key exists after start.
+    pub admin_key: Option<Secret>,
+    /// Connections per process.
+    pub max_connections: u32,
+    pub api: ApiConfig,
+    pub worker: WorkerConfig,
+    pub jobs: JobsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Largest request body accepted, in bytes.
+    pub body_limit: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Queues this process serves: a list, or one comma-separated string
+    /// (`TALLY_WORKER__QUEUES=ai,notify`).
+    #[serde(deserialize_with = "list_or_csv")]
+    pub queues: Vec<String>,
+    /// Jobs run at once per queue in this process.
+    pub concurrency: usize,
+    /// Tasks claimed per fetch.
+    pub batch_size: usize,
+    /// How often an idle worker looks for due tasks, in milliseconds.
+    pub poll_ms: u64,
+    /// A worker that has not been heard from for this many seconds loses its jobs to others.
+    pub lease_secs: u64,
+    /// On SIGTERM, how long in-flight jobs may run before they are handed back.
+    pub shutdown_timeout_secs: u64,
+    /// Worker name shown on the jobs it runs; defaults to `host:pid`.
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Attempts a job gets when the submission does not say.
+    pub default_max_attempts: u32,
+    /// First retry delay; each later one doubles, with jitter, up to `retry_max_ms`.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrCsv {
+        List(Vec<String>),
+        Csv(String),
+    }
+    Ok(match ListOrCsv::deserialize(d)? {
+        ListOrCsv::List(v) => v,
+        ListOrCsv::Csv(s) => s
+            .split(',')
+            .map(|q| q.trim().to_owned())
+            .filter(|q| !q.is_empty())
+            .collect(),
+    })
+}
+
+pub const QUEUES: [&str; 4] = ["ai", "payments", "notify", "system"];
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./tally-data"),
+            database_url: None,
+            admin_key: None,
+            max_connections: 16,
+            api: ApiConfig {
+                body_limit: 1024 * 1024,
+            },
+            worker: WorkerConfig {
+                queues: QUEUES.iter().map(|q| q.to_string()).collect(),
+                concurrency: 16,
+                batch_size: 32,
+                poll_ms: 200,
+                lease_secs: 30,
+                shutdown_timeout_secs: 30,
+                name: None,
+            },
+            jobs: JobsConfig {
+                default_max_attempts: 5,
+                retry_base_ms: 1000,
+                retry_max_ms: 300_000,
+            },
+        }
+    }
+}
+
+/// Why the configuration was refused; the message names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    #[error("invalid configuration: {key}: {why}")]
+    Invalid { key: &'static str, why: String },
+}
+
+impl Config {
+    /// Layers the sources in order of precedence. `overrides` are the command-line flags, as a
+    /// map of dotted keys (`worker.concurrency`) to values.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        overrides: BTreeMap<String, toml::Value>,
+    ) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Parse(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            fig = fig.merge(("database_url", url));
+        }
+        fig = fig.merge(
+            Env::prefixed("TALLY_")
+                .ignore(&["CONFIG", "LOG"])
+                .map(|k| k.as_str().to_ascii_lowercase().replace("__", ".").into()),
+        );
+        for (key, value) in overrides {
+            fig = fig.merge((key, value));
+        }
+        let config: Config = fig.extract().map_err(|e| {
+            let mut msg = String::new();
+            for err in e {
+                if !msg.is_empty() {
+                    msg.push_str("; ");
+                }
+                let key = err.path.join(".");
+                let source = err.metadata.as_ref().map(|m| m.name.to_string());
+                match (key.is_empty(), source) {
+                    (true, _) => msg.push_str(&err.kind.to_string()),
+                    (false, Some(src)) => {
+                        msg.push_str(&format!("{key}: {} (from {src})", err.kind))
+                    }
+                    (false, None) => msg.push_str(&format!("{key}: {}", err.kind)),
+                }
+            }
+            ConfigError::Parse(msg)
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, why: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                why: why.to_owned(),
+            })
+        };
+        if self.worker.concurrency == 0 || self.worker.concurrency > 10_000 {
+            return invalid("worker.concurrency", "must be between 1 and 10000");
+        }
+        if self.worker.batch_size == 0 || self.worker.batch_size > 10_000 {
+            return invalid("worker.batch_size", "must be between 1 and 10000");
+        }
+        if self.worker.lease_secs < 3 {
+            return invalid("worker.lease_secs", "must be at least 3");
+        }
+        if self.worker.poll_ms == 0 {
+            return invalid("worker.poll_ms", "must be at least 1");
+        }
+        if self.worker.queues.is_empty() {
+            return invalid("worker.queues", "name at least one queue");
+        }
+        for q in &self.worker.queues {
+            if !QUEUES.contains(&q.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: "worker.queues",
+                    why: format!("unknown queue {q:?}; known queues: {}", QUEUES.join(", ")),
+                });
+            }
+        }
+        if self.jobs.default_max_attempts == 0 || self.jobs.default_max_attempts > 100 {
+            return invalid("jobs.default_max_attempts", "must be between 1 and 100");
+        }
+        if self.jobs.retry_base_ms == 0 || self.jobs.retry_max_ms < self.jobs.retry_base_ms {
+            return invalid(
+                "jobs.retry_base_ms",
+                "must be at least 1 and not above jobs.retry_max_ms",
+            );
+        }
+        if self.max_connections == 0 {
+            return invalid("max_connections", "must be at least 1");
+        }
+        if self.api.body_limit < 1024 {
+            return invalid("api.body_limit", "must be at least 1024 bytes");
+        }
+        let url = self.database_url();
+        if !(url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+            || url.starts_with("sqlite:"))
+        {
+            return invalid("database_url", "must start with postgres:// or sqlite://");
+        }
+        Ok(())
+    }
+
+    /// The database URL in effect.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.expose().to_owned(),
+            None => format!("sqlite://{}", self.data_dir.join("tally.db").display()),
+        }
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.worker.lease_secs)
+    }
+
+    /// The configuration as TOML, with secrets (and a password inside the database URL) redacted.
+    pub fn redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.database_url = Some(Secret::new(redact_url(&self.database_url())));
+        if shown.admin_key.is_some() {
+            shown.admin_key = Some(Secret::new("<redacted>"));
+        }
+        toml::to_string_pretty(&shown).unwrap_or_default()
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:<redacted>@host/db`.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((creds, host)) = rest.split_once('@')
+        && let Some((user, _)) = creds.split_once(':')
+    {
+        return format!("{scheme}://{user}:<redacted>@{host}");
+    }
+    url.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5432/db"),
+            "postgres://u:<redacted>@h:5432/db"
+        );
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn flags_win_over_defaults_and_bad_values_are_named() {
+        let mut o = BTreeMap::new();
+        o.insert("worker.concurrency".into(), toml::Value::Integer(3));
+        let c = Config::load(None, o).expect("valid");
+        assert_eq!(c.worker.concurrency, 3);
+        let mut o = BTreeMap::new();
+        o.insert("worker.concurrency".into(), toml::Value::Integer(0));
+        let e = Config::load(None, o).expect_err("invalid").to_string();
+        assert!(e.contains("worker.concurrency"), "{e}");
+    }
+}

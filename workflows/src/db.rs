@@ -1,0 +1,209 @@
+//! One pool on Postgres or SQLite. Every query goes through [`with_pool!`] or [`with_tx!`], which
+//! type-check the same SQL against both drivers; where the dialects differ, the SQL says so here.
+
+use std::{path::Path, str::FromStr, time::Duration};
+
+use sqlx::{
+    PgPool, Postgres, Sqlite, SqlitePool, Transaction,
+    migrate::Migrator,
+    postgres::PgPoolOptions,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+};
+
+/// Errors from the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("queue error: {0}")]
+    Queue(String),
+    #[error("unsupported database URL {0:?}: use postgres://... or sqlite://FILE")]
+    BadUrl(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Which database a [`Db`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Postgres => "postgres",
+            Backend::Sqlite => "sqlite",
+        }
+    }
+}
+
+/// A connection pool on one of the two supported databases.
+#[derive(Debug, Clone)]
+pub enum Db {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// An open write transaction on either database.
+pub enum Tx {
+    Postgres(Transaction<'static, Postgres>),
+    Sqlite(Transaction<'static, Sqlite>),
+}
+
+/// Runs `$body` with `$pool` bound to the concrete pool (`&PgPool` or `&SqlitePool`).
+#[macro_export]
+macro_rules! with_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::db::Db::Postgres($pool) => $body,
+            $crate::db::Db::Sqlite($pool) => $body,
+        }
+    };
+}
+
+/// Runs `$body` with `$conn` bound to the transaction's connection.
+#[macro_export]
+macro_rules! with_tx {
+    ($tx:expr, $conn:ident => $body:expr) => {
+        match $tx {
+            $crate::db::Tx::Postgres(tx) => {
+                let $conn = &mut **tx;
+                $body
+            }
+            $crate::db::Tx::Sqlite(tx) => {
+                let $conn = &mut **tx;
+                $body
+            }
+        }
+    };
+}
+
+static PG_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
+
+/// Tally's migration history lives in its own table so apalis' history never collides with it.
+const MIGRATIONS_TABLE: &str = "tally_migrations";
+
+fn migrator(base: &Migrator) -> Migrator {
+    let mut m = Migrator::with_migrations(base.migrations.to_vec());
+    m.dangerous_set_table_name(MIGRATIONS_TABLE);
+    m
+}
+
+impl Db {
+    /// Connects to `postgres://...` or `sqlite://FILE` (the file and its folder are created).
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Db, DbError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await?;
+            Ok(Db::Postgres(pool))
+        } else if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            let file = path.split('?').next().unwrap_or(path);
+            if file.is_empty() {
+                return Err(DbError::BadUrl(url.to_owned()));
+            }
+            if let Some(dir) = Path::new(file)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(dir).map_err(|e| DbError::Sqlx(sqlx::Error::Io(e)))?;
+            }
+            let opts = SqliteConnectOptions::from_str(&format!("sqlite://{file}"))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(30))
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections.clamp(1, 8))
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(opts)
+                .await?;
+            Ok(Db::Sqlite(pool))
+        } else {
+            Err(DbError::BadUrl(url.to_owned()))
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Db::Postgres(_) => Backend::Postgres,
+            Db::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    /// Applies apalis' queue migrations and Tally's own, in that order. Safe to run from many
+    /// processes at once (Postgres takes an advisory lock; SQLite serialises writers).
+    pub async fn migrate(&self) -> Result<(), DbError> {
+        match self {
+            Db::Postgres(pool) => {
+                apalis_postgres::PostgresStorage::<()>::migrations()
+                    .run(pool)
+                    .await?;
+                migrator(&PG_MIGRATIONS).run(pool).await?;
+            }
+            Db::Sqlite(pool) => {
+                apalis_sqlite::SqliteStorage::<()>::migrations()
+                    .run(pool)
+                    .await?;
+                migrator(&SQLITE_MIGRATIONS).run(pool).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// True when the database answers and every Tally migration is applied.
+    pub async fn ready(&self) -> Result<bool, DbError> {
+        let expected = match self {
+            Db::Postgres(_) => PG_MIGRATIONS.iter().count() as i64,
+            Db::Sqlite(_) => SQLITE_MIGRATIONS.iter().count() as i64,
+        };
+        let sql = "SELECT COUNT(*) FROM tally_migrations WHERE success";
+        let applied: Result<i64, sqlx::Error> = with_pool!(self, pool => {
+            sqlx::query_scalar(sql).fetch_one(pool).await
+        });
+        match applied {
+            Ok(n) => Ok(n >= expected),
+            Err(sqlx::Error::Database(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Begins a write transaction. On SQLite it takes the write lock up front (`BEGIN IMMEDIATE`)
+    /// so two writers never deadlock on a lock upgrade.
+    pub async fn begin(&self) -> Result<Tx, DbError> {
+        Ok(match self {
+            Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+            Db::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+        })
+    }
+
+    pub async fn close(&self) {
+        with_pool!(self, pool => pool.close().await)
+    }
+}
+
+impl Tx {
+    pub async fn commit(self) -> Result<(), DbError> {
+        match self {
+            Tx::Postgres(tx) => tx.commit().await?,
+            Tx::Sqlite(tx) => tx.commit().await?,
+        }
+        Ok(())
+    }
+}
+
+/// True when the error is a unique-constraint violation (same on both databases).
+pub fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(e) if e.is_unique_violation())
+}

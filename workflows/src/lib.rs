@@ -1,0 +1,34 @@
+//! Tally's domain and storage.
+//!
+//! # Layout
+//! - [`config`]: the effective configuration (defaults, TOML file, `TALLY_*` environment, flags).
+//! - [`db`]: one connection pool on SQLite or Postgres, migrations, readiness; dialect
+//!   differences live here and nowhere else.
+//! - [`jobs`]: job records and their states; submission commits the record and its queue task in
+//!   one transaction.
+//! - [`kinds`]: the job kinds the platform knows, their queues and input validation.
+//! - [`queue`]: the apalis task that carries a job id, pushed inside Tally's transactions.
+//! - [`retry`]: the backoff rule that decides when a failed attempt runs again.
+//! - [`users`]: users, roles and hashed API keys.
+
+pub mod config;
+pub mod db;
+pub mod jobs;
+pub mod kinds;
+pub mod queue;
+pub mod retry;
+pub mod users;
+
+pub use db::{Db, DbError};
+
+/// Milliseconds since the Unix epoch: the one time unit stored in the database.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Formats a stored millisecond timestamp as RFC 3339 (UTC) for the API.
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}

@@ -1,0 +1,99 @@
+//! The queue task that runs a job: an apalis task whose payload is only the job's id. It is
+//! pushed inside the same transaction that writes the job's state, so there is never a job
+//! without its task or a task without its job.
+
+use apalis::prelude::TaskBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::{DbError, db::Tx};
+
+/// The payload of every queue task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRef {
+    pub job_id: String,
+}
+
+/// One task to push: which job, on which queue, how urgent and from when.
+#[derive(Debug, Clone)]
+pub struct Enqueue {
+    pub job_id: String,
+    pub queue: &'static str,
+    pub priority: i32,
+    /// Earliest start, milliseconds since the epoch. apalis stores whole seconds: a time in the
+    /// future is rounded up so a task never starts early; a due one is rounded down so it
+    /// starts at once.
+    pub run_at_ms: i64,
+}
+
+/// Attempts apalis itself may make at one task. Tally counts a job's attempts on the job; this
+/// only covers a task whose handler hit an infrastructure error (the database went away).
+const TASK_MAX_ATTEMPTS: usize = 10;
+
+fn build(e: &Enqueue) -> Result<apalis::prelude::Task<Vec<u8>>, DbError> {
+    let payload = serde_json::to_vec(&JobRef {
+        job_id: e.job_id.clone(),
+    })
+    .map_err(|err| DbError::Queue(err.to_string()))?;
+    let ms = e.run_at_ms.max(0) as u64;
+    let secs = if e.run_at_ms > crate::now_ms() {
+        ms.div_ceil(1000)
+    } else {
+        ms / 1000
+    };
+    Ok(TaskBuilder::new(payload)
+        .priority(e.priority.max(0) as usize)
+        .max_attempts(TASK_MAX_ATTEMPTS)
+        .run_at_timestamp(secs)
+        .build())
+}
+
+/// Pushes tasks inside `tx`, grouped by queue.
+pub async fn push(tx: &mut Tx, items: &[Enqueue]) -> Result<(), DbError> {
+    let mut queues: Vec<&'static str> = items.iter().map(|e| e.queue).collect();
+    queues.sort_unstable();
+    queues.dedup();
+    for queue in queues {
+        let tasks = items
+            .iter()
+            .filter(|e| e.queue == queue)
+            .map(build)
+            .collect::<Result<Vec<_>, _>>()?;
+        match tx {
+            Tx::Postgres(tx) => apalis_postgres::queries::push_tasks(&mut **tx, queue, tasks)
+                .await
+                .map_err(|e| DbError::Queue(e.to_string()))?,
+            Tx::Sqlite(tx) => apalis_sqlite::queries::push_tasks(&mut **tx, queue, &tasks)
+                .await
+                .map_err(|e| DbError::Queue(e.to_string()))?,
+        }
+    }
+    Ok(())
+}
+
+/// Hands back the tasks a stopping worker still holds, so another process takes them at once
+/// instead of after the lease.
+pub async fn hand_back(db: &crate::Db, worker_names: &[String]) -> Result<u64, DbError> {
+    let mut total = 0;
+    for name in worker_names {
+        let n = match db {
+            crate::Db::Postgres(pool) => sqlx::query(
+                "UPDATE apalis.jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL \
+                 WHERE lock_by = $1 AND status IN ('Queued', 'Running')",
+            )
+            .bind(name)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+            crate::Db::Sqlite(pool) => sqlx::query(
+                "UPDATE Jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL \
+                 WHERE lock_by = $1 AND status IN ('Queued', 'Running')",
+            )
+            .bind(name)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+        };
+        total += n;
+    }
+    Ok(total)
+}
