@@ -1,17 +1,319 @@
-//! `tally bench`: enqueue and drain throughput on each backend, and HTTP submission rate.
+//! `tally bench`: for each backend, enqueue N `echo` jobs (batched, one transaction per batch),
+//! drain them with K `tally work` processes, then measure job submission through the HTTP API.
+//! Figures are printed; nothing is asserted.
+
+use std::{
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use clap::Args;
-use tally_workflows::config::Config;
+use serde_json::json;
+use tally_api::AppState;
+use tally_workflows::{
+    Db,
+    config::Config,
+    jobs::{self, NewJob, Status},
+    users::{self, Role},
+};
+use tokio_util::sync::CancellationToken;
 
 use crate::cli::CliError;
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Jobs to enqueue and drain.
+    /// Jobs to enqueue and drain per backend.
     #[arg(long, default_value_t = 20_000)]
     pub jobs: usize,
+    /// Worker processes that drain the queue.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Jobs run at once per worker process.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Tasks each worker claims per fetch.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Backends to measure (sqlite, postgres).
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
+    pub backends: Vec<String>,
+    /// Postgres server to create the benchmark database on.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pub postgres_url: String,
+    /// Seconds of HTTP submission load per backend (0 skips it).
+    #[arg(long, default_value_t = 5)]
+    pub http_seconds: u64,
+    /// Concurrent HTTP connections submitting jobs.
+    #[arg(long, default_value_t = 32)]
+    pub http_connections: usize,
 }
 
-pub async fn run(_cfg: Config, _args: BenchArgs) -> Result<(), CliError> {
-    Err(CliError::other("not yet"))
+struct Fresh {
+    url: String,
+    /// Postgres database to drop afterwards.
+    drop: Option<String>,
+}
+
+async fn fresh_database(backend: &str, args: &BenchArgs) -> Result<Fresh, CliError> {
+    let stamp = uuid::Uuid::now_v7().simple().to_string();
+    match backend {
+        "sqlite" => {
+            let dir = std::env::temp_dir().join(format!("tally-bench-{stamp}"));
+            Ok(Fresh {
+                url: format!("sqlite://{}", dir.join("bench.db").display()),
+                drop: None,
+            })
+        }
+        "postgres" => {
+            let admin = Db::connect(&args.postgres_url, 1).await?;
+            let name = format!("tally_bench_{stamp}");
+            if let Db::Postgres(pool) = &admin {
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(pool)
+                    .await
+                    .map_err(|e| {
+                        CliError::other(format!("cannot create the benchmark database: {e}"))
+                    })?;
+            }
+            admin.close().await;
+            let (base, _) = args
+                .postgres_url
+                .rsplit_once('/')
+                .ok_or_else(|| CliError::usage("--postgres-url must name a database"))?;
+            Ok(Fresh {
+                url: format!("{base}/{name}"),
+                drop: Some(name),
+            })
+        }
+        other => Err(CliError::usage(format!(
+            "unknown backend {other:?}; use sqlite or postgres"
+        ))),
+    }
+}
+
+pub async fn run(cfg: Config, args: BenchArgs) -> Result<(), CliError> {
+    if args.jobs == 0 || args.workers == 0 {
+        return Err(CliError::usage("--jobs and --workers must be at least 1"));
+    }
+    println!(
+        "tally bench: {} echo jobs, {} worker processes x concurrency {}, batch {}; HTTP {} s x {} connections",
+        args.jobs,
+        args.workers,
+        args.concurrency,
+        args.batch,
+        args.http_seconds,
+        args.http_connections
+    );
+    println!(
+        "{:<9} {:>14} {:>14} {:>14} {:>12} {:>12}",
+        "backend", "enqueue/s", "drain/s", "http submit/s", "http p50 ms", "http p99 ms"
+    );
+    for backend in &args.backends {
+        let fresh = fresh_database(backend, &args).await?;
+        let result = bench_backend(&cfg, &args, &fresh.url).await;
+        if let Some(name) = fresh.drop
+            && let Ok(admin) = Db::connect(&args.postgres_url, 1).await
+        {
+            if let Db::Postgres(pool) = &admin {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(pool)
+                .await;
+            }
+            admin.close().await;
+        }
+        let r = result?;
+        println!(
+            "{:<9} {:>14.0} {:>14.0} {:>14.0} {:>12.2} {:>12.2}",
+            backend, r.enqueue_per_s, r.drain_per_s, r.http_per_s, r.http_p50_ms, r.http_p99_ms
+        );
+    }
+    Ok(())
+}
+
+struct Figures {
+    enqueue_per_s: f64,
+    drain_per_s: f64,
+    http_per_s: f64,
+    http_p50_ms: f64,
+    http_p99_ms: f64,
+}
+
+async fn bench_backend(cfg: &Config, args: &BenchArgs, url: &str) -> Result<Figures, CliError> {
+    let db = Db::connect(url, 16).await?;
+    db.migrate().await?;
+    let user = users::create(&db, "bench@tally.local", Role::User, None).await?;
+
+    // Enqueue: one transaction per 1,000 jobs.
+    let started = Instant::now();
+    let mut left = args.jobs;
+    while left > 0 {
+        let n = left.min(1000);
+        let batch = (0..n)
+            .map(|i| NewJob {
+                user_id: user.id.clone(),
+                kind: "echo".into(),
+                queue: "system",
+                input: json!({ "i": i }),
+                priority: 0,
+                run_at_ms: None,
+                max_attempts: 3,
+                idempotency_key: None,
+                request_hash: String::new(),
+            })
+            .collect();
+        for answer in jobs::submit_many(&db, batch).await? {
+            answer.map_err(|e| CliError::other(e.to_string()))?;
+        }
+        left -= n;
+    }
+    let enqueue_per_s = args.jobs as f64 / started.elapsed().as_secs_f64();
+
+    // Drain with K worker processes.
+    let exe = std::env::current_exe()?;
+    let started = Instant::now();
+    let mut children = Vec::new();
+    for _ in 0..args.workers {
+        children.push(
+            tokio::process::Command::new(&exe)
+                .args([
+                    "work",
+                    "--queues",
+                    "system",
+                    "--concurrency",
+                    &args.concurrency.to_string(),
+                ])
+                .env("DATABASE_URL", url)
+                .env("TALLY_WORKER__BATCH_SIZE", args.batch.to_string())
+                .env("TALLY_WORKER__POLL_MS", "5")
+                .env(
+                    "TALLY_LOG",
+                    std::env::var("TALLY_BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?,
+        );
+    }
+    loop {
+        let done = jobs::count_by_status(&db, Status::Succeeded).await?;
+        if done as usize >= args.jobs {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            return Err(CliError::other(format!(
+                "drain stalled at {done} of {} jobs",
+                args.jobs
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drain_per_s = args.jobs as f64 / started.elapsed().as_secs_f64();
+    for child in &children {
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+    for mut child in children {
+        let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    }
+
+    // HTTP submission against the real router on loopback (no workers running).
+    let (http_per_s, http_p50_ms, http_p99_ms) = if args.http_seconds > 0 {
+        http_load(cfg, args, db.clone(), &user.api_key).await?
+    } else {
+        (0.0, 0.0, 0.0)
+    };
+    db.close().await;
+    Ok(Figures {
+        enqueue_per_s,
+        drain_per_s,
+        http_per_s,
+        http_p50_ms,
+        http_p99_ms,
+    })
+}
+
+async fn http_load(
+    cfg: &Config,
+    args: &BenchArgs,
+    db: Db,
+    key: &str,
+) -> Result<(f64, f64, f64), CliError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let stop_server = CancellationToken::new();
+    let state = AppState::new(db, cfg.clone());
+    let server = tokio::spawn(tally_api::serve(
+        listener,
+        state,
+        stop_server.clone().cancelled_owned(),
+    ));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.http_connections)
+        .build()
+        .map_err(|e| CliError::other(e.to_string()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for c in 0..args.http_connections {
+        let (client, stop, url, key) = (
+            client.clone(),
+            stop.clone(),
+            format!("{base}/v1/jobs"),
+            key.to_owned(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let resp = client
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&json!({"kind": "echo", "input": {"c": c, "i": i}}))
+                    .send()
+                    .await;
+                match resp {
+                    Ok(r) if r.status().as_u16() == 202 => {
+                        latencies.push(t.elapsed().as_micros() as u32)
+                    }
+                    _ => errors += 1,
+                }
+                i += 1;
+            }
+            (latencies, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(args.http_seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            all.extend(l);
+            errors += e;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    stop_server.cancel();
+    let _ = server.await;
+    if errors > 0 {
+        eprintln!("warning: {errors} HTTP submissions failed");
+    }
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .map(|&us| us as f64 / 1000.0)
+            .unwrap_or(0.0)
+    };
+    Ok((all.len() as f64 / elapsed, pct(0.5), pct(0.99)))
 }

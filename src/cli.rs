@@ -1,7 +1,7 @@
 //! Commands, flags and the one place that turns errors into a message and an exit code
 //! (2: bad configuration or usage; 3: the database; 1: anything else).
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand};
 use tally_api::AppState;
@@ -217,6 +217,16 @@ fn shutdown_token() -> CancellationToken {
     token
 }
 
+/// Closes the pool, but never lets a connection that is still checked out hold up the exit.
+async fn close(db: Db) {
+    if tokio::time::timeout(std::time::Duration::from_secs(2), db.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("database connections still busy at exit; closing anyway");
+    }
+}
+
 async fn open(cfg: &Config) -> Result<Db, CliError> {
     Ok(Db::connect(&cfg.database_url(), cfg.max_connections).await?)
 }
@@ -291,17 +301,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 tally_workflows::config::redact_url(&cfg.database_url())
             );
             let token = shutdown_token();
-            let state = AppState {
-                db: db.clone(),
-                cfg: Arc::new(cfg.clone()),
-            };
+            let state = AppState::new(db.clone(), cfg.clone());
             let api = tally_api::serve(listener, state, token.clone().cancelled_owned());
             let pool = WorkerPool::new(db.clone(), cfg.clone());
             let workers = pool.run(token.clone().cancelled_owned());
             let (api, workers) = tokio::join!(api, workers);
             api?;
             workers?;
-            db.close().await;
+            close(db).await;
             Ok(())
         }
         Command::Serve { .. } => {
@@ -313,12 +320,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 listener.local_addr()?
             );
             let token = shutdown_token();
-            let state = AppState {
-                db: db.clone(),
-                cfg: Arc::new(cfg),
-            };
+            let state = AppState::new(db.clone(), cfg);
             tally_api::serve(listener, state, token.cancelled_owned()).await?;
-            db.close().await;
+            close(db).await;
             Ok(())
         }
         Command::Work { .. } => {
@@ -327,7 +331,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let pool = WorkerPool::new(db.clone(), cfg);
             println!("Tally worker {} started", pool.name());
             pool.run(token.cancelled_owned()).await?;
-            db.close().await;
+            close(db).await;
             Ok(())
         }
         Command::Bench(args) => crate::bench::run(cfg, args).await,

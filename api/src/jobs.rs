@@ -113,6 +113,7 @@ async fn submit(
         "run_at": run_at_ms, "max_attempts": body.max_attempts,
     });
     let new = NewJob {
+        user_id: user.id.clone(),
         kind: body.kind,
         queue: spec.queue,
         input: body.input,
@@ -122,7 +123,7 @@ async fn submit(
         idempotency_key: key,
         request_hash: hex(&Sha256::digest(canonical.to_string().as_bytes())),
     };
-    let (job, created) = jobs::submit(&state.db, &user.id, new).await?;
+    let (job, created) = state.submissions.call(new).await??;
     let mut resp = (StatusCode::ACCEPTED, Json(job.view())).into_response();
     if !created {
         resp.headers_mut()

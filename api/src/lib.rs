@@ -16,7 +16,12 @@ pub mod users;
 use std::{future::Future, sync::Arc};
 
 use axum::{Router, extract::DefaultBodyLimit};
-use tally_workflows::{Db, config::Config};
+use tally_workflows::{
+    Db,
+    batch::Batcher,
+    config::Config,
+    jobs::{Job, JobError, NewJob},
+};
 use tokio::net::TcpListener;
 
 pub use auth::{Admin, Caller};
@@ -27,6 +32,29 @@ pub use error::ApiError;
 pub struct AppState {
     pub db: Db,
     pub cfg: Arc<Config>,
+    /// Submissions from all concurrent requests, group-committed.
+    pub submissions: Batcher<NewJob, Result<(Job, bool), JobError>>,
+}
+
+/// Most submissions written in one transaction.
+const MAX_SUBMIT_BATCH: usize = 256;
+
+impl AppState {
+    /// Must be called inside a Tokio runtime: it starts the submission batcher.
+    pub fn new(db: Db, cfg: Config) -> AppState {
+        let submissions = {
+            let db = db.clone();
+            Batcher::spawn(MAX_SUBMIT_BATCH, move |jobs: Vec<NewJob>| {
+                let db = db.clone();
+                async move { tally_workflows::jobs::submit_many(&db, jobs).await }
+            })
+        };
+        AppState {
+            db,
+            cfg: Arc::new(cfg),
+            submissions,
+        }
+    }
 }
 
 /// The whole API.

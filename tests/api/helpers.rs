@@ -5,7 +5,7 @@ use std::{
     collections::BTreeMap,
     path::PathBuf,
     process::Stdio,
-    sync::{Arc, Once},
+    sync::Once,
     time::{Duration, Instant},
 };
 
@@ -177,10 +177,7 @@ impl TestApp {
             .expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let shutdown = CancellationToken::new();
-        let state = AppState {
-            db: db.clone(),
-            cfg: Arc::new(cfg.clone()),
-        };
+        let state = AppState::new(db.clone(), cfg.clone());
         let mut tasks = vec![tokio::spawn({
             let s = shutdown.clone();
             async move {
@@ -308,7 +305,10 @@ pub fn tally() -> tokio::process::Command {
     cmd.env_remove("DATABASE_URL")
         .env_remove("TALLY_CONFIG")
         .env_remove("TALLY_ADMIN_KEY")
-        .env("TALLY_LOG", "warn")
+        .env(
+            "TALLY_LOG",
+            std::env::var("TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .kill_on_drop(true);
     cmd
 }

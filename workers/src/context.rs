@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tally_workflows::{Db, DbError, jobs};
+use tokio_util::sync::CancellationToken;
 
 /// Why a kind stopped without a result.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +18,10 @@ pub enum JobFailure {
     /// The job was cancelled while it ran.
     #[error("cancelled")]
     Cancelled,
+    /// The worker is shutting down and ran out of time: the attempt stops and records nothing;
+    /// the job is handed back.
+    #[error("interrupted by shutdown")]
+    Interrupted,
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -29,19 +34,28 @@ pub struct JobContext {
     /// 1 for the first attempt.
     pub attempt: u32,
     last_check: Option<Instant>,
+    /// Cancelled when this process's shutdown grace period is over.
+    interrupt: CancellationToken,
 }
 
 /// How often a job may look at the database for a cancel request.
 const CANCEL_CHECK_EVERY: Duration = Duration::from_millis(100);
 
 impl JobContext {
-    pub fn new(db: Db, job_id: String, worker: String, attempt: u32) -> Self {
+    pub fn new(
+        db: Db,
+        job_id: String,
+        worker: String,
+        attempt: u32,
+        interrupt: CancellationToken,
+    ) -> Self {
         JobContext {
             db,
             job_id,
             worker,
             attempt,
             last_check: None,
+            interrupt,
         }
     }
 
@@ -51,6 +65,9 @@ impl JobContext {
 
     /// Stores progress and stops the job if it was cancelled.
     pub async fn progress(&mut self, progress: Value) -> Result<(), JobFailure> {
+        if self.interrupt.is_cancelled() {
+            return Err(JobFailure::Interrupted);
+        }
         let cancel = jobs::report_progress(&self.db, &self.job_id, &self.worker, &progress).await?;
         self.last_check = Some(Instant::now());
         if cancel {
@@ -63,6 +80,9 @@ impl JobContext {
     /// A cancel point: returns `Cancelled` if the job was asked to stop. Cheap to call often; it
     /// reads the database at most every 100 ms.
     pub async fn checkpoint(&mut self) -> Result<(), JobFailure> {
+        if self.interrupt.is_cancelled() {
+            return Err(JobFailure::Interrupted);
+        }
         if self
             .last_check
             .is_some_and(|t| t.elapsed() < CANCEL_CHECK_EVERY)

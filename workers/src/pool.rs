@@ -10,11 +10,14 @@ use apalis_postgres::PostgresStorage;
 use apalis_sqlite::SqliteStorage;
 use tally_workflows::{
     Db, DbError,
+    batch::Batcher,
     config::Config,
-    jobs::{self, Outcome},
+    jobs::{self, Claimed, Completion, Outcome, Status},
     queue::{self, JobRef},
     retry,
 };
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     context::{JobContext, JobFailure},
@@ -41,7 +44,23 @@ struct Runtime {
     name: String,
     retry_base: Duration,
     retry_max: Duration,
+    /// Claims of all this process's running handlers, group-committed.
+    claims: Batcher<String, Option<Claimed>>,
+    /// Outcomes of all this process's attempts, group-committed with the retries they schedule
+    /// and the completion of their queue tasks.
+    finishes: Batcher<Completion, Option<Status>>,
+    /// Every attempt runs as its own task, so it makes progress whether or not apalis is
+    /// still polling its handler (it stops doing so while shutting down); shutdown waits here.
+    attempts: TaskTracker,
+    /// Cancelled when the shutdown timeout passes: attempts still running stop writing.
+    interrupt: CancellationToken,
 }
+
+/// How long interrupted attempts get to notice before the worker hands their jobs back anyway.
+const INTERRUPT_WAIT: Duration = Duration::from_secs(2);
+
+/// Most claims or outcomes written in one statement.
+const MAX_BATCH: usize = 512;
 
 /// The worker pools of one process.
 pub struct WorkerPool {
@@ -66,29 +85,70 @@ impl WorkerPool {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), DbError> {
+        let claims = {
+            let (db, name) = (self.db.clone(), self.name.clone());
+            Batcher::spawn(MAX_BATCH, move |ids: Vec<String>| {
+                let (db, name) = (db.clone(), name.clone());
+                async move { jobs::claim_many(&db, &name, &ids).await }
+            })
+        };
+        // apalis worker ids, one per queue: the lock holder on this process's queue tasks.
+        let holders: Vec<String> = self
+            .cfg
+            .worker
+            .queues
+            .iter()
+            .map(|q| format!("{}/{q}", self.name))
+            .collect();
+        let finishes = {
+            let (db, name, holders) = (self.db.clone(), self.name.clone(), holders.clone());
+            Batcher::spawn(MAX_BATCH, move |items: Vec<Completion>| {
+                let (db, name, holders) = (db.clone(), name.clone(), holders.clone());
+                async move { jobs::finish_many(&db, &name, &holders, &items).await }
+            })
+        };
         let rt = Arc::new(Runtime {
             db: self.db.clone(),
             name: self.name.clone(),
             retry_base: Duration::from_millis(self.cfg.jobs.retry_base_ms),
             retry_max: Duration::from_millis(self.cfg.jobs.retry_max_ms),
+            claims,
+            finishes,
+            attempts: TaskTracker::new(),
+            interrupt: CancellationToken::new(),
         });
         let w = &self.cfg.worker;
         let heartbeat = Duration::from_secs((w.lease_secs / 3).max(1));
         let missed = (w.lease_secs / heartbeat.as_secs()).max(1) as usize;
         let poll = Duration::from_millis(w.poll_ms);
         let mut monitor = Monitor::new();
-        let mut apalis_names = Vec::new();
-        for queue in &w.queues {
-            let worker_id = format!("{}/{}", self.name, queue);
-            apalis_names.push(worker_id.clone());
+        // apalis gets a pool of its own on Postgres. On shutdown it drops a fetch that may have
+        // sent BEGIN, and sqlx then returns that connection still inside the transaction (see
+        // `Db::begin`); in its own pool, that connection only ever runs apalis' transactions,
+        // whose next COMMIT closes it, and never Tally's autocommit statements.
+        let apalis_pool = match &self.db {
+            Db::Postgres(_) => Some(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(2 + 2 * w.queues.len() as u32)
+                    .connect(&self.cfg.database_url())
+                    .await?,
+            ),
+            Db::Sqlite(_) => None,
+        };
+        for (queue, worker_id) in w.queues.iter().zip(holders.clone()) {
             let (rt, concurrency, batch, queue) =
                 (rt.clone(), w.concurrency, w.batch_size, queue.clone());
             monitor = match &self.db {
-                Db::Postgres(pool) => {
-                    let pool = pool.clone();
+                Db::Postgres(_) => {
+                    let pool = apalis_pool
+                        .clone()
+                        .ok_or_else(|| DbError::Queue("no queue pool".into()))?;
                     monitor.register(move |_restarts| {
+                        // Tally marks tasks running and done itself, in its own transactions.
                         let config = apalis_postgres::Config::default()
                             .queue(&queue)
+                            .lock_tasks(false)
+                            .persist_results(false)
                             .batch_size(batch)
                             .heartbeat_interval(heartbeat)
                             .missed_heartbeats(missed);
@@ -106,8 +166,11 @@ impl WorkerPool {
                 Db::Sqlite(pool) => {
                     let pool = pool.clone();
                     monitor.register(move |_restarts| {
+                        // Tally marks tasks running and done itself, in its own transactions.
                         let config = apalis_sqlite::Config::default()
                             .queue(&queue)
+                            .lock_tasks(false)
+                            .persist_results(false)
                             .batch_size(batch)
                             .heartbeat_interval(heartbeat)
                             .missed_heartbeats(missed);
@@ -125,34 +188,104 @@ impl WorkerPool {
             };
         }
         tracing::info!(worker = %self.name, queues = ?w.queues, concurrency = w.concurrency, "worker pools started");
-        let result = monitor
-            .shutdown_timeout(Duration::from_secs(w.shutdown_timeout_secs))
-            .run_with_signal(async move {
-                shutdown.await;
+        // Shutdown: apalis stops fetching at once; the attempts in flight get the grace period;
+        // then whatever still runs is interrupted and handed back. Tally waits on its own
+        // attempts rather than on the monitor, which may not drive a stopping worker's handlers.
+        let grace = Duration::from_secs(w.shutdown_timeout_secs);
+        let stop = CancellationToken::new();
+        let monitor = monitor.shutdown_timeout(grace).run_with_signal({
+            let stop = stop.clone();
+            async move {
+                stop.cancelled().await;
                 Ok(())
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "worker monitor stopped with an error");
+            }
+        });
+        let drained = {
+            let (stop, rt) = (stop.clone(), rt.clone());
+            async move {
+                stop.cancelled().await;
+                rt.attempts.close();
+                tracing::info!(
+                    running = rt.attempts.len(),
+                    "stopping: no more fetching; waiting for running attempts"
+                );
+                if tokio::time::timeout(grace, rt.attempts.wait())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        running = rt.attempts.len(),
+                        "attempts still running at the shutdown timeout; handing them back"
+                    );
+                    rt.interrupt.cancel();
+                    // Kinds stop at their next check; one that never checks is left behind.
+                    let _ = tokio::time::timeout(INTERRUPT_WAIT, rt.attempts.wait()).await;
+                }
+            }
+        };
+        tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                shutdown.await;
+                stop.cancel();
+            }
+        });
+        tokio::select! {
+            result = monitor => {
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "worker monitor stopped with an error");
+                }
+                // The monitor may end on its own (every worker failed): stop the attempts too.
+                stop.cancel();
+                rt.attempts.close();
+                if tokio::time::timeout(grace, rt.attempts.wait()).await.is_err() {
+                    rt.interrupt.cancel();
+                    let _ = tokio::time::timeout(INTERRUPT_WAIT, rt.attempts.wait()).await;
+                }
+            }
+            () = drained => {}
         }
+        tracing::info!("attempts finished; handing back what this worker still holds");
         let jobs = jobs::hand_back(&self.db, &self.name).await?;
-        let tasks = queue::hand_back(&self.db, &apalis_names).await?;
+        let tasks = queue::hand_back(&self.db, &holders).await?;
         tracing::info!(worker = %self.name, handed_back_jobs = jobs.len(), handed_back_tasks = tasks, "worker pools stopped");
         Ok(())
     }
 }
 
+/// Seconds before a task whose handler hit an infrastructure error is tried again.
+const RELEASE_DELAY_SECS: i64 = 5;
+
 /// One queue task: one attempt of one job.
-async fn handle(task: JobRef, rt: Data<Arc<Runtime>>) -> Result<(), BoxDynError> {
-    run_attempt(&task.job_id, &rt)
+async fn handle(task: JobRef, task_id: TaskId, rt: Data<Arc<Runtime>>) -> Result<(), BoxDynError> {
+    let task_id = task_id.to_string();
+    let rt: Arc<Runtime> = (*rt).clone();
+    let attempt = {
+        let (rt, job_id, task_id) = (rt.clone(), task.job_id.clone(), task_id.clone());
+        rt.attempts
+            .clone()
+            .spawn(async move { run_attempt(&job_id, &task_id, &rt).await })
+    };
+    let result = attempt
         .await
-        .map_err(|e| Box::new(e) as BoxDynError)
+        .unwrap_or_else(|e| Err(DbError::Batch(format!("attempt task failed: {e}"))));
+    if let Err(e) = result {
+        tracing::error!(job_id = %task.job_id, error = %e, "attempt could not be recorded; task released for a later try");
+        queue::release(&rt.db, &task_id, RELEASE_DELAY_SECS).await?;
+        return Err(Box::new(e));
+    }
+    Ok(())
 }
 
 #[tracing::instrument(skip(rt), fields(worker = %rt.name))]
-async fn run_attempt(job_id: &str, rt: &Runtime) -> Result<(), DbError> {
-    let Some(claimed) = jobs::claim(&rt.db, job_id, &rt.name).await? else {
+async fn run_attempt(job_id: &str, task_id: &str, rt: &Runtime) -> Result<(), DbError> {
+    let Some(claimed) = rt.claims.call(job_id.to_owned()).await? else {
         tracing::debug!("job is not runnable (cancelled, finished or unknown); task dropped");
+        let completion = Completion {
+            task_id: task_id.to_owned(),
+            finish: None,
+        };
+        rt.finishes.call(completion).await?;
         return Ok(());
     };
     let outcome = match serde_json::from_str(&claimed.input) {
@@ -163,24 +296,27 @@ async fn run_attempt(job_id: &str, rt: &Runtime) -> Result<(), DbError> {
                 claimed.id.clone(),
                 rt.name.clone(),
                 claimed.attempts.max(1) as u32,
+                rt.interrupt.clone(),
             );
             match kinds::run(&claimed.kind, input, &mut ctx).await {
                 Ok(v) => Outcome::Succeeded(v),
                 Err(JobFailure::Retryable(e)) => Outcome::Failed(e),
                 Err(JobFailure::Fatal(e)) => Outcome::Fatal(e),
                 Err(JobFailure::Cancelled) => Outcome::Cancelled,
+                // Shutdown ran out of time: write nothing; the job is handed back.
+                Err(JobFailure::Interrupted) => return Ok(()),
                 Err(JobFailure::Db(e)) => Outcome::Failed(format!("worker lost the database: {e}")),
             }
         }
     };
-    let status = jobs::finish(&rt.db, &claimed, &rt.name, outcome, |n| {
+    let finish = jobs::plan(&claimed, outcome, |n| {
         retry::delay(n, rt.retry_base, rt.retry_max)
-    })
-    .await?;
-    tracing::debug!(
-        attempt = claimed.attempts,
-        status = status.as_str(),
-        "attempt finished"
-    );
+    });
+    let completion = Completion {
+        task_id: task_id.to_owned(),
+        finish: Some(finish),
+    };
+    let status = rt.finishes.call(completion).await?;
+    tracing::debug!(attempt = claimed.attempts, status = ?status, "attempt finished");
     Ok(())
 }

@@ -165,7 +165,7 @@ impl Config {
         }
         fig = fig.merge(
             Env::prefixed("TALLY_")
-                .ignore(&["CONFIG", "LOG"])
+                .ignore(&["CONFIG", "LOG", "TEST_POSTGRES_URL", "BENCH_WORKER_LOG"])
                 .map(|k| k.as_str().to_ascii_lowercase().replace("__", ".").into()),
         );
         for (key, value) in overrides {

@@ -21,6 +21,8 @@ pub enum DbError {
     Queue(String),
     #[error("unsupported database URL {0:?}: use postgres://... or sqlite://FILE")]
     BadUrl(String),
+    #[error("batched write failed: {0}")]
+    Batch(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }
@@ -123,9 +125,11 @@ impl Db {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(30))
+                .pragma("cache_size", "-65536")
+                .pragma("temp_store", "memory")
                 .foreign_keys(true);
             let pool = SqlitePoolOptions::new()
-                .max_connections(max_connections.clamp(1, 8))
+                .max_connections(1)
                 .acquire_timeout(Duration::from_secs(30))
                 .connect_with(opts)
                 .await?;
@@ -181,11 +185,24 @@ impl Db {
 
     /// Begins a write transaction. On SQLite it takes the write lock up front (`BEGIN IMMEDIATE`)
     /// so two writers never deadlock on a lock upgrade.
+    ///
+    /// `BEGIN` runs in its own task: sqlx 0.9 loses track of a transaction whose `begin()` future
+    /// is dropped after `BEGIN` was sent (it neither rolls back nor remembers it), and the pooled
+    /// connection then runs every later statement inside that forgotten transaction. Here the
+    /// task always finishes, so a caller that goes away (a client disconnect) drops a real
+    /// `Transaction`, which rolls back.
     pub async fn begin(&self) -> Result<Tx, DbError> {
-        Ok(match self {
-            Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
-            Db::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
-        })
+        let db = self.clone();
+        let started = tokio::spawn(async move {
+            Ok::<_, sqlx::Error>(match db {
+                Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+                Db::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+            })
+        });
+        match started.await {
+            Ok(tx) => Ok(tx?),
+            Err(e) => Err(DbError::Batch(format!("transaction start failed: {e}"))),
+        }
     }
 
     pub async fn close(&self) {

@@ -130,6 +130,7 @@ impl Job {
 /// A submission, already validated.
 #[derive(Debug, Clone)]
 pub struct NewJob {
+    pub user_id: String,
     pub kind: String,
     pub queue: &'static str,
     pub input: Value,
@@ -161,27 +162,29 @@ impl From<sqlx::Error> for JobError {
 
 /// Submits one job: the record and its queue task commit together. With an idempotency key,
 /// a replay of the same request returns the first job (`false`: nothing new was created).
-pub async fn submit(db: &Db, user_id: &str, new: NewJob) -> Result<(Job, bool), JobError> {
-    let mut created = submit_many(db, user_id, vec![new]).await?;
-    created.pop().ok_or(JobError::NotFound)
+pub async fn submit(db: &Db, new: NewJob) -> Result<(Job, bool), JobError> {
+    submit_many(db, vec![new])
+        .await?
+        .pop()
+        .ok_or(JobError::NotFound)?
 }
 
-/// Submits jobs in one transaction (one multi-row insert, one batched queue push).
+/// Submits jobs in one transaction: one multi-row insert and one batched queue push per 500.
+/// Each job gets its own answer: an idempotency conflict refuses that job, not the others.
 pub async fn submit_many(
     db: &Db,
-    user_id: &str,
     jobs: Vec<NewJob>,
-) -> Result<Vec<(Job, bool)>, JobError> {
+) -> Result<Vec<Result<(Job, bool), JobError>>, DbError> {
     let now = now_ms();
     let mut tx = db.begin().await?;
     let mut out = Vec::with_capacity(jobs.len());
     let mut pushes = Vec::with_capacity(jobs.len());
     for chunk in jobs.chunks(500) {
-        let mut rows = Vec::with_capacity(chunk.len());
-        for new in chunk {
-            rows.push(Job {
+        let rows: Vec<Job> = chunk
+            .iter()
+            .map(|new| Job {
                 id: uuid::Uuid::now_v7().to_string(),
-                user_id: user_id.to_owned(),
+                user_id: new.user_id.clone(),
                 kind: new.kind.clone(),
                 queue: new.queue.to_owned(),
                 input: new.input.to_string(),
@@ -201,8 +204,8 @@ pub async fn submit_many(
                 started_at: None,
                 finished_at: None,
                 updated_at: now,
-            });
-        }
+            })
+            .collect();
         let inserted: Vec<String> = with_tx!(&mut tx, conn => {
             let mut qb = sqlx::QueryBuilder::new(
                 "INSERT INTO tally_jobs (id, user_id, kind, queue, input, priority, status, attempts, \
@@ -227,47 +230,40 @@ pub async fn submit_many(
             qb.push(" ON CONFLICT DO NOTHING RETURNING id");
             qb.build_query_scalar().fetch_all(&mut *conn).await?
         });
-        for row in rows {
+        for (row, new) in rows.into_iter().zip(chunk) {
             if inserted.contains(&row.id) {
                 pushes.push(Enqueue {
                     job_id: row.id.clone(),
-                    queue: chunk_queue(chunk, &row),
+                    queue: new.queue,
                     priority: row.priority,
                     run_at_ms: row.run_at,
                 });
-                out.push((row, true));
+                out.push(Ok((row, true)));
+                continue;
+            }
+            // Only the idempotency key can collide: answer with the first job, if it matches.
+            let key = row.idempotency_key.clone().unwrap_or_default();
+            let sql = format!(
+                "SELECT {COLUMNS} FROM tally_jobs WHERE user_id = $1 AND idempotency_key = $2"
+            );
+            let first: Option<Job> = with_tx!(&mut tx, conn => {
+                sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(&row.user_id).bind(&key).fetch_optional(&mut *conn).await?
+            });
+            let first = first.ok_or_else(|| {
+                DbError::Corrupt(format!(
+                    "job insert for key {key:?} conflicted but no job holds it"
+                ))
+            })?;
+            if first.request_hash == row.request_hash {
+                out.push(Ok((first, false)));
             } else {
-                // Only the idempotency key can collide: return the first job, if it matches.
-                let key = row.idempotency_key.clone().unwrap_or_default();
-                let sql = "SELECT id, user_id, kind, queue, input, priority, status, attempts, max_attempts, \
-                    progress, result, error, worker, cancel_requested, idempotency_key, request_hash, run_at, \
-                    created_at, started_at, finished_at, updated_at FROM tally_jobs WHERE user_id = $1 AND idempotency_key = $2";
-                let first: Option<Job> = with_tx!(&mut tx, conn => {
-                    sqlx::query_as(sql).bind(user_id).bind(&key).fetch_optional(&mut *conn).await?
-                });
-                let first = first.ok_or_else(|| {
-                    DbError::Corrupt(format!(
-                        "job insert for key {key:?} conflicted but no job holds it"
-                    ))
-                })?;
-                if first.request_hash != row.request_hash {
-                    return Err(JobError::IdempotencyConflict(first.id));
-                }
-                out.push((first, false));
+                out.push(Err(JobError::IdempotencyConflict(first.id)));
             }
         }
     }
     queue::push(&mut tx, &pushes).await?;
     tx.commit().await?;
     Ok(out)
-}
-
-fn chunk_queue(chunk: &[NewJob], row: &Job) -> &'static str {
-    chunk
-        .iter()
-        .find(|n| n.queue == row.queue)
-        .map(|n| n.queue)
-        .unwrap_or("system")
 }
 
 /// The job, if the caller may see it (its owner, or an admin).
@@ -412,25 +408,55 @@ pub struct Claimed {
     pub max_attempts: i32,
 }
 
-/// Marks the job running on `worker` and counts the attempt. `None` when the job must not run
-/// (cancelled, finished, or unknown); a job left `running` by a worker that lost its lease is
-/// claimed again.
-pub async fn claim(db: &Db, id: &str, worker: &str) -> Result<Option<Claimed>, DbError> {
+/// Marks each job running on `worker` and counts the attempt, in one statement. `None` for a
+/// job that must not run (cancelled, finished, unknown, or twice in the batch); a job left
+/// `running` by a worker that lost its lease is claimed again.
+pub async fn claim_many(
+    db: &Db,
+    worker: &str,
+    ids: &[String],
+) -> Result<Vec<Option<Claimed>>, DbError> {
     let now = now_ms();
-    let sql = "UPDATE tally_jobs SET status = 'running', attempts = attempts + 1, worker = $2, \
-          started_at = COALESCE(started_at, $3), updated_at = $3 \
-        WHERE id = $1 AND status IN ('queued', 'failed', 'running') AND NOT cancel_requested \
-        RETURNING id, kind, input, attempts, max_attempts";
-    let claimed: Option<Claimed> = with_pool!(db, pool => {
-        sqlx::query_as(sql).bind(id).bind(worker).bind(now).fetch_optional(pool).await?
+    let claimed: Vec<Claimed> = with_pool!(db, pool => {
+        let mut qb = sqlx::QueryBuilder::new("UPDATE tally_jobs SET status = 'running', attempts = attempts + 1, worker = ");
+        qb.push_bind(worker)
+            .push(", started_at = COALESCE(started_at, ")
+            .push_bind(now)
+            .push("), updated_at = ")
+            .push_bind(now)
+            .push(" WHERE status IN ('queued', 'failed', 'running') AND NOT cancel_requested AND id IN (");
+        let mut list = qb.separated(", ");
+        for id in ids {
+            list.push_bind(id);
+        }
+        qb.push(") RETURNING id, kind, input, attempts, max_attempts");
+        qb.build_query_as().fetch_all(pool).await?
     });
-    if claimed.is_none() {
-        // A cancel that arrived while the job was between attempts or being rescued ends it here.
-        let sql = "UPDATE tally_jobs SET status = 'cancelled', finished_at = $2, updated_at = $2 \
-            WHERE id = $1 AND cancel_requested AND status IN ('queued', 'failed', 'running')";
-        with_pool!(db, pool => sqlx::query(sql).bind(id).bind(now).execute(pool).await?.rows_affected());
+    let mut by_id: std::collections::HashMap<String, Claimed> =
+        claimed.into_iter().map(|c| (c.id.clone(), c)).collect();
+    let answers: Vec<Option<Claimed>> = ids.iter().map(|id| by_id.remove(id)).collect();
+    let refused: Vec<&String> = ids
+        .iter()
+        .zip(&answers)
+        .filter(|(_, a)| a.is_none())
+        .map(|(id, _)| id)
+        .collect();
+    if !refused.is_empty() {
+        // A cancel that arrived while a job was between attempts or being rescued ends it here.
+        with_pool!(db, pool => {
+            let mut qb = sqlx::QueryBuilder::new("UPDATE tally_jobs SET status = 'cancelled', finished_at = ");
+            qb.push_bind(now).push(", updated_at = ").push_bind(now).push(
+                " WHERE cancel_requested AND status IN ('queued', 'failed', 'running') AND id IN (",
+            );
+            let mut list = qb.separated(", ");
+            for id in &refused {
+                list.push_bind(*id);
+            }
+            qb.push(")");
+            qb.build().execute(pool).await?.rows_affected()
+        });
     }
-    Ok(claimed)
+    Ok(answers)
 }
 
 /// Stores progress; returns true if the job has been asked to stop.
@@ -469,17 +495,25 @@ pub enum Outcome {
     Cancelled,
 }
 
-/// Records an attempt's outcome. A failure with attempts left becomes `failed` with its next
-/// attempt time, and the task for that attempt is pushed in the same transaction.
-pub async fn finish(
-    db: &Db,
+/// What an attempt's outcome does to its job.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub id: String,
+    pub status: Status,
+    pub result: Option<String>,
+    pub error: Option<String>,
+    /// For `failed`: when the next attempt may start.
+    pub retry_at: Option<i64>,
+}
+
+/// Decides the job's next state: a failure with attempts left becomes `failed` with the time
+/// of its next attempt (`retry_delay` gets the number of failed attempts so far).
+pub fn plan(
     claimed: &Claimed,
-    worker: &str,
     outcome: Outcome,
     retry_delay: impl FnOnce(u32) -> std::time::Duration,
-) -> Result<Status, DbError> {
-    let now = now_ms();
-    let (status, result, error, run_at) = match outcome {
+) -> Finish {
+    let (status, result, error, retry_at) = match outcome {
         Outcome::Succeeded(v) => (Status::Succeeded, Some(v.to_string()), None, None),
         Outcome::Cancelled => (Status::Cancelled, None, Some("cancelled".to_owned()), None),
         Outcome::Fatal(e) => (Status::Dead, None, Some(e), None),
@@ -492,43 +526,102 @@ pub async fn finish(
                 Status::Failed,
                 None,
                 Some(e),
-                Some(now + delay.as_millis() as i64),
+                Some(now_ms() + delay.as_millis() as i64),
             )
         }
     };
-    let finished = if status.is_terminal() {
-        Some(now)
-    } else {
-        None
-    };
-    let sql = format!(
-        "UPDATE tally_jobs SET status = $3, result = $4, error = $5, finished_at = $6, \
-           run_at = COALESCE($7, run_at), updated_at = $8 \
-         WHERE id = $1 AND worker = $2 AND status = 'running' RETURNING {COLUMNS}"
-    );
-    let mut tx = db.begin().await?;
-    let job: Option<Job> = with_tx!(&mut tx, conn => {
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(&claimed.id)
-            .bind(worker)
-            .bind(status.as_str())
-            .bind(&result)
-            .bind(&error)
-            .bind(finished)
-            .bind(run_at)
-            .bind(now)
-            .fetch_optional(&mut *conn)
-            .await?
-    });
-    let Some(job) = job else {
-        // Another worker took the job over (this one lost its lease): its outcome stands.
-        return Ok(Status::Running);
-    };
-    if let Some(at) = run_at {
-        queue::push(&mut tx, &[enqueue_of(&job, at)?]).await?;
+    Finish {
+        id: claimed.id.clone(),
+        status,
+        result,
+        error,
+        retry_at,
     }
+}
+
+/// One handled queue task: its id, and the outcome of the attempt it ran, if it ran one.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub task_id: String,
+    pub finish: Option<Finish>,
+}
+
+/// Records many attempts' outcomes in one statement and one transaction, together with the
+/// tasks of the retries they schedule and the completion of the tasks that ran them. A job this
+/// worker no longer holds (it lost its lease and another worker took over) is left alone: its
+/// answer is `Running`. A completion without an attempt answers `None`.
+pub async fn finish_many(
+    db: &Db,
+    worker: &str,
+    holders: &[String],
+    items: &[Completion],
+) -> Result<Vec<Option<Status>>, DbError> {
+    let now = now_ms();
+    let finishes: Vec<&Finish> = items.iter().filter_map(|c| c.finish.as_ref()).collect();
+    let mut tx = db.begin().await?;
+    let updated: Vec<(String, String, i32, i64)> = if finishes.is_empty() {
+        Vec::new()
+    } else {
+        with_tx!(&mut tx, conn => {
+            let mut qb = sqlx::QueryBuilder::new("WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at) AS (");
+            qb.push_values(&finishes, |mut b, f| {
+                b.push_bind(&f.id)
+                    .push_bind(f.status.as_str())
+                    .push_bind(&f.result)
+                    .push_bind(&f.error)
+                    .push_bind(if f.status.is_terminal() { Some(now) } else { None })
+                    .push_bind(f.retry_at);
+            });
+            qb.push(
+                ") UPDATE tally_jobs SET status = v.vstatus, result = v.vresult, error = v.verror, \
+                 finished_at = v.vfinished, run_at = COALESCE(v.vrun_at, tally_jobs.run_at), updated_at = ",
+            );
+            qb.push_bind(now)
+                .push(" FROM v WHERE tally_jobs.id = v.vid AND tally_jobs.status = 'running' AND tally_jobs.worker = ")
+                .push_bind(worker)
+                .push(" RETURNING id, kind, priority, run_at");
+            qb.build_query_as().fetch_all(&mut *conn).await?
+        })
+    };
+    let mut pushes = Vec::new();
+    let mut applied = std::collections::HashSet::new();
+    for (id, kind, priority, run_at) in updated {
+        if finishes
+            .iter()
+            .any(|f| f.id == id && f.status == Status::Failed)
+        {
+            let spec = crate::kinds::lookup(&kind)
+                .ok_or_else(|| DbError::Corrupt(format!("job {id} has unknown kind {kind:?}")))?;
+            pushes.push(Enqueue {
+                job_id: id.clone(),
+                queue: spec.queue,
+                priority,
+                run_at_ms: run_at,
+            });
+        }
+        applied.insert(id);
+    }
+    queue::push(&mut tx, &pushes).await?;
+    // A task is done when its attempt's outcome was stored (or it ran no attempt).
+    let task_ids: Vec<String> = items
+        .iter()
+        .filter(|c| c.finish.as_ref().is_none_or(|f| applied.contains(&f.id)))
+        .map(|c| c.task_id.clone())
+        .collect();
+    queue::complete(&mut tx, &task_ids, holders).await?;
     tx.commit().await?;
-    Ok(status)
+    Ok(items
+        .iter()
+        .map(|c| {
+            c.finish.as_ref().map(|f| {
+                if applied.contains(&f.id) {
+                    f.status
+                } else {
+                    Status::Running
+                }
+            })
+        })
+        .collect())
 }
 
 /// Puts a stopping worker's running jobs back in the queue; the interrupted attempt is not

@@ -5,7 +5,29 @@
 use apalis::prelude::TaskBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::{DbError, db::Tx};
+use crate::{
+    DbError,
+    db::{Backend, Tx},
+    with_tx,
+};
+
+/// Which dialect a connection speaks (for the few statements on apalis' own tables).
+trait ConnBackend {
+    fn backend(&self) -> Backend;
+}
+impl ConnBackend for sqlx::PgConnection {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+}
+impl ConnBackend for sqlx::SqliteConnection {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+}
+fn conn_backend(c: &impl ConnBackend) -> Backend {
+    c.backend()
+}
 
 /// The payload of every queue task.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,6 +89,61 @@ pub async fn push(tx: &mut Tx, items: &[Enqueue]) -> Result<(), DbError> {
                 .map_err(|e| DbError::Queue(e.to_string()))?,
         }
     }
+    Ok(())
+}
+
+/// Marks queue tasks done inside `tx`, the transaction that records their jobs' outcomes, so a
+/// task is done exactly when its attempt's outcome is stored. (Tally acknowledges tasks itself:
+/// apalis' own acknowledgement is switched off.)
+///
+/// Only tasks still locked by one of `holders` (this process's apalis workers) are completed: a
+/// task that apalis re-enqueued and another process now holds is that process's to complete.
+pub async fn complete(tx: &mut Tx, task_ids: &[String], holders: &[String]) -> Result<(), DbError> {
+    if task_ids.is_empty() || holders.is_empty() {
+        return Ok(());
+    }
+    with_tx!(tx, conn => {
+        let mut qb = sqlx::QueryBuilder::new(match conn_backend(&*conn) {
+            Backend::Postgres => "UPDATE apalis.jobs SET status = 'Done', done_at = NOW() WHERE id IN (",
+            Backend::Sqlite => "UPDATE Jobs SET status = 'Done', done_at = strftime('%s', 'now') WHERE id IN (",
+        });
+        let mut list = qb.separated(", ");
+        for id in task_ids {
+            list.push_bind(id);
+        }
+        qb.push(") AND lock_by IN (");
+        let mut list = qb.separated(", ");
+        for holder in holders {
+            list.push_bind(holder);
+        }
+        qb.push(")");
+        qb.build().execute(&mut *conn).await?.rows_affected()
+    });
+    Ok(())
+}
+
+/// Puts a task back for a later try after its handler failed on an infrastructure error.
+pub async fn release(db: &crate::Db, task_id: &str, delay_secs: i64) -> Result<(), DbError> {
+    match db {
+        crate::Db::Postgres(pool) => sqlx::query(
+            "UPDATE apalis.jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL, \
+             run_at = NOW() + make_interval(secs => $2) WHERE id = $1",
+        )
+        .bind(task_id)
+        .bind(delay_secs as f64)
+        .execute(pool)
+        .await?
+        .rows_affected(),
+        crate::Db::Sqlite(pool) => sqlx::query(
+            "UPDATE Jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL, \
+             run_at = strftime('%s', 'now') + $2 WHERE id = $1",
+        )
+        .bind(task_id)
+        .bind(delay_secs)
+        .execute(pool)
+        .await?
+        .rows_affected(),
+    };
     Ok(())
 }
 

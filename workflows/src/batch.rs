@@ -1,0 +1,78 @@
+//! Group commit. Callers hand a request to a [`Batcher`] and await its answer; one task takes
+//! every request waiting at that moment (up to a limit), runs them as one batch (one statement,
+//! one transaction, one commit) and answers each. Under load, batches grow by themselves; alone,
+//! a request runs at once with no added delay.
+
+use std::{future::Future, sync::Arc};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::DbError;
+
+type Reply<Resp> = oneshot::Sender<Result<Resp, DbError>>;
+
+/// A handle to a batching task. Cloning it shares the task.
+pub struct Batcher<Req, Resp> {
+    tx: mpsc::Sender<(Req, Reply<Resp>)>,
+}
+
+impl<Req, Resp> Clone for Batcher<Req, Resp> {
+    fn clone(&self) -> Self {
+        Batcher {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
+    /// Spawns the batching task. `run` gets a batch of requests and must return one answer per
+    /// request, in order; an error fails the whole batch.
+    pub fn spawn<F, Fut>(max_batch: usize, run: F) -> Self
+    where
+        F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<Resp>, DbError>> + Send,
+    {
+        let (tx, mut rx) = mpsc::channel::<(Req, Reply<Resp>)>(max_batch * 4);
+        let run = Arc::new(run);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(max_batch);
+            while rx.recv_many(&mut batch, max_batch).await > 0 {
+                let (reqs, replies): (Vec<Req>, Vec<Reply<Resp>>) =
+                    std::mem::take(&mut batch).into_iter().unzip();
+                let n = reqs.len();
+                match run(reqs).await {
+                    Ok(answers) if answers.len() == n => {
+                        for (reply, answer) in replies.into_iter().zip(answers) {
+                            let _ = reply.send(Ok(answer));
+                        }
+                    }
+                    Ok(answers) => {
+                        let msg = format!("batch of {n} gave {} answers", answers.len());
+                        for reply in replies {
+                            let _ = reply.send(Err(DbError::Batch(msg.clone())));
+                        }
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        for reply in replies {
+                            let _ = reply.send(Err(DbError::Batch(msg.clone())));
+                        }
+                    }
+                }
+            }
+        });
+        Batcher { tx }
+    }
+
+    /// Queues one request and waits for its answer.
+    pub async fn call(&self, req: Req) -> Result<Resp, DbError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send((req, reply))
+            .await
+            .map_err(|_| DbError::Batch("the batching task has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| DbError::Batch("the batching task dropped a request".into()))?
+    }
+}
