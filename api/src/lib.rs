@@ -34,6 +34,8 @@ pub struct AppState {
     pub cfg: Arc<Config>,
     /// Submissions from all concurrent requests, group-committed.
     pub submissions: Batcher<NewJob, Result<(Job, bool), JobError>>,
+    /// Valid API keys seen lately.
+    pub keys: Arc<auth::KeyCache>,
 }
 
 /// Most submissions written in one transaction.
@@ -53,6 +55,7 @@ impl AppState {
             db,
             cfg: Arc::new(cfg),
             submissions,
+            keys: Arc::default(),
         }
     }
 }

@@ -138,53 +138,40 @@ impl WorkerPool {
         for (queue, worker_id) in w.queues.iter().zip(holders.clone()) {
             let (rt, concurrency, batch, queue) =
                 (rt.clone(), w.concurrency, w.batch_size, queue.clone());
+            // The same worker on either backend; only apalis' storage type differs.
+            macro_rules! register {
+                ($storage:ident, $config:path, $pool:expr) => {{
+                    let pool = $pool;
+                    monitor.register(move |_restarts| {
+                        // Tally marks tasks running and done itself, in its own transactions.
+                        let config = <$config>::default()
+                            .queue(&queue)
+                            .lock_tasks(false)
+                            .persist_results(false)
+                            .batch_size(batch)
+                            .heartbeat_interval(heartbeat)
+                            .missed_heartbeats(missed);
+                        let storage = $storage::<JobRef>::new(&pool)
+                            .with_config(config)
+                            .poll_with_interval(poll);
+                        WorkerBuilder::new(worker_id.as_str())
+                            .backend(storage)
+                            .concurrency(concurrency)
+                            .catch_panic()
+                            .data(rt.clone())
+                            .build(handle)
+                    })
+                }};
+            }
             monitor = match &self.db {
-                Db::Postgres(_) => {
-                    let pool = apalis_pool
+                Db::Postgres(_) => register!(
+                    PostgresStorage,
+                    apalis_postgres::Config,
+                    apalis_pool
                         .clone()
-                        .ok_or_else(|| DbError::Queue("no queue pool".into()))?;
-                    monitor.register(move |_restarts| {
-                        // Tally marks tasks running and done itself, in its own transactions.
-                        let config = apalis_postgres::Config::default()
-                            .queue(&queue)
-                            .lock_tasks(false)
-                            .persist_results(false)
-                            .batch_size(batch)
-                            .heartbeat_interval(heartbeat)
-                            .missed_heartbeats(missed);
-                        let storage = PostgresStorage::<JobRef>::new(&pool)
-                            .with_config(config)
-                            .poll_with_interval(poll);
-                        WorkerBuilder::new(worker_id.as_str())
-                            .backend(storage)
-                            .concurrency(concurrency)
-                            .catch_panic()
-                            .data(rt.clone())
-                            .build(handle)
-                    })
-                }
-                Db::Sqlite(pool) => {
-                    let pool = pool.clone();
-                    monitor.register(move |_restarts| {
-                        // Tally marks tasks running and done itself, in its own transactions.
-                        let config = apalis_sqlite::Config::default()
-                            .queue(&queue)
-                            .lock_tasks(false)
-                            .persist_results(false)
-                            .batch_size(batch)
-                            .heartbeat_interval(heartbeat)
-                            .missed_heartbeats(missed);
-                        let storage = SqliteStorage::<JobRef>::new(&pool)
-                            .with_config(config)
-                            .poll_with_interval(poll);
-                        WorkerBuilder::new(worker_id.as_str())
-                            .backend(storage)
-                            .concurrency(concurrency)
-                            .catch_panic()
-                            .data(rt.clone())
-                            .build(handle)
-                    })
-                }
+                        .ok_or_else(|| DbError::Queue("no queue pool".into()))?
+                ),
+                Db::Sqlite(pool) => register!(SqliteStorage, apalis_sqlite::Config, pool.clone()),
             };
         }
         tracing::info!(worker = %self.name, queues = ?w.queues, concurrency = w.concurrency, "worker pools started");
