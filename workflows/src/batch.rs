@@ -76,3 +76,50 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
             .map_err(|_| DbError::Batch("the batching task dropped a request".into()))?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn answers_each_caller_in_order_and_groups_concurrent_calls() {
+        let batches = Arc::new(AtomicUsize::new(0));
+        let seen = batches.clone();
+        let doubler = Batcher::spawn(64, move |reqs: Vec<u32>| {
+            let seen = seen.clone();
+            async move {
+                seen.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                Ok(reqs.into_iter().map(|r| r * 2).collect())
+            }
+        });
+        let calls = (0..200u32).map(|i| {
+            let d = doubler.clone();
+            async move { (i, d.call(i).await) }
+        });
+        for (i, answer) in futures::future::join_all(calls).await {
+            assert_eq!(answer.expect("answered"), i * 2);
+        }
+        let n = batches.load(Ordering::SeqCst);
+        assert!(
+            (200 / 64..200).contains(&n),
+            "200 concurrent calls ran in {n} batches"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_fails_every_caller_in_it() {
+        let failing = Batcher::spawn(8, |_reqs: Vec<u32>| async {
+            Err::<Vec<u32>, _>(DbError::Queue("disk on fire".into()))
+        });
+        let err = failing.call(1).await.expect_err("fails");
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+        let short = Batcher::spawn(8, |_reqs: Vec<u32>| async { Ok(Vec::<u32>::new()) });
+        assert!(
+            short.call(1).await.is_err(),
+            "a batch that answers too few fails"
+        );
+    }
+}
