@@ -182,6 +182,18 @@ async fn list(
             )));
         }
     };
+    if let Some(k) = p.kind.as_deref()
+        && kinds::lookup(k).is_none()
+    {
+        return Err(ApiError::bad_request(format!(
+            "kind must be one of {}, not {k:?}",
+            kinds::KINDS
+                .iter()
+                .map(|k| k.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     let filter = ListFilter {
         status,
         kind: p.kind,
@@ -225,6 +237,7 @@ async fn events(
     JobId(id): JobId,
 ) -> Result<impl IntoResponse, ApiError> {
     let first = jobs::get(&state.db, &id, &user).await?;
+    let stopping = state.stopping.clone();
     struct Watch {
         state: AppState,
         user: tally_workflows::users::User,
@@ -273,5 +286,6 @@ async fn events(
             tokio::time::sleep(EVENTS_POLL).await;
         }
     });
+    let stream = futures::StreamExt::take_until(stream, stopping.cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

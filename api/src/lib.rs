@@ -23,6 +23,7 @@ use tally_workflows::{
     jobs::{Job, JobError, NewJob},
 };
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 pub use auth::{Admin, Caller};
 pub use error::ApiError;
@@ -36,6 +37,9 @@ pub struct AppState {
     pub submissions: Batcher<NewJob, Result<(Job, bool), JobError>>,
     /// Valid API keys seen lately.
     pub keys: Arc<auth::KeyCache>,
+    /// Cancelled when the server starts shutting down: event streams end, so graceful shutdown
+    /// does not wait on a client that follows a long job.
+    pub stopping: CancellationToken,
 }
 
 /// Most submissions written in one transaction.
@@ -56,6 +60,7 @@ impl AppState {
             cfg: Arc::new(cfg),
             submissions,
             keys: Arc::default(),
+            stopping: CancellationToken::new(),
         }
     }
 }
@@ -83,7 +88,11 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let stopping = state.stopping.clone();
     axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stopping.cancel();
+        })
         .await
 }

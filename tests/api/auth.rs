@@ -96,6 +96,12 @@ async fn keys_and_roles(backend: Backend) {
         StatusCode::UNPROCESSABLE_ENTITY,
     )
     .await;
+    let nul = json!({"email": "nul\u{0}@example.com"});
+    assert_problem(
+        app.post(&app.admin_key, "/v1/users", nul).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     assert_problem(
         app.post(
             &app.admin_key,

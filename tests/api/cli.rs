@@ -186,11 +186,43 @@ async fn dev_runs_everything_with_an_admin_key(backend: Backend) {
         done["result"], "hi",
         "dev ran the job with its own workers: {done}"
     );
+    // A client following a long job does not hold up shutdown.
+    let long: Value = client
+        .post(format!("{base}/v1/jobs"))
+        .bearer_auth("tly_from_the_environment")
+        .json(&serde_json::json!({"kind": "sleep", "input": {"ms": 600000}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let events = client
+        .get(format!(
+            "{base}/v1/jobs/{}/events",
+            long["id"].as_str().unwrap()
+        ))
+        .bearer_auth("tly_from_the_environment")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    let asked = std::time::Instant::now();
     std::process::Command::new("kill")
         .arg(dev.id().unwrap().to_string())
         .status()
         .unwrap();
-    assert!(dev.wait().await.unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(20), dev.wait())
+        .await
+        .expect("dev exits with an event stream open")
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        asked.elapsed() < Duration::from_secs(12),
+        "took {:?}",
+        asked.elapsed()
+    );
+    drop(events);
     if backend == Backend::Sqlite {
         assert!(
             dir.join("tally.db").exists(),

@@ -142,6 +142,8 @@ async fn bad_inputs_are_4xx(backend: Backend) {
         "/v1/jobs?limit=0",
         "/v1/jobs?limit=abc",
         "/v1/jobs?cursor=zzz",
+        "/v1/jobs?kind=teleport",
+        "/v1/jobs?kind=%00",
     ] {
         let resp = if path.ends_with("cancel") {
             app.post(&app.user_key, path, json!({})).await

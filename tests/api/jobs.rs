@@ -463,7 +463,55 @@ async fn health(backend: Backend) {
     app.stop().await;
 }
 
+/// A failure of an attempt whose job was asked to stop ends the job as cancelled: no retry.
+async fn failure_after_cancel_request_is_final(backend: Backend) {
+    let Some(app) = TestApp::spawn_with(
+        backend,
+        Options {
+            workers: false,
+            ..Default::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let id = app
+        .submit(json!({"kind": "fail", "input": {"times": 3}}))
+        .await;
+    let claimed = tally_workflows::jobs::claim_many(&app.db, "w:1", std::slice::from_ref(&id))
+        .await
+        .unwrap();
+    let claimed = claimed[0].clone().expect("claimed");
+    let resp = app
+        .post(&app.user_key, &format!("/v1/jobs/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let finish = tally_workflows::jobs::plan(
+        &claimed,
+        tally_workflows::jobs::Outcome::Failed("boom".into()),
+        |_| Duration::from_secs(1),
+    );
+    let done = tally_workflows::jobs::finish_many(
+        &app.db,
+        "w:1",
+        &["w:1/system".to_owned()],
+        &[tally_workflows::jobs::Completion {
+            task_id: "none".into(),
+            finish: Some(finish),
+        }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(done[0], Some(tally_workflows::jobs::Status::Cancelled));
+    let job = app.job(&id).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert!(job["finished_at"].is_string());
+    app.stop().await;
+}
+
 crate::both_backends!(
+    failure_after_cancel_request_is_final,
     submit_and_poll,
     idempotency,
     retries_wait_for_backoff,

@@ -24,10 +24,12 @@ use crate::{
     kinds,
 };
 
-/// This process's name on the jobs it runs: `host:pid`, or `worker.name` from the config.
+/// This process's name on the jobs it runs: `host:pid`, or `<worker.name>:pid`. The pid is
+/// always there: a stopping process hands back the jobs running under its name, so two live
+/// processes must never share one.
 pub fn worker_name(cfg: &Config) -> String {
     if let Some(name) = &cfg.worker.name {
-        return name.clone();
+        return format!("{name}:{}", std::process::id());
     }
     let host = std::env::var("HOSTNAME")
         .ok()

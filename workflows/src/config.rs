@@ -72,7 +72,7 @@ pub struct WorkerConfig {
     pub lease_secs: u64,
     /// On SIGTERM, how long in-flight jobs may run before they are handed back.
     pub shutdown_timeout_secs: u64,
-    /// Worker name shown on the jobs it runs; defaults to `host:pid`.
+    /// Worker name shown on the jobs it runs, followed by `:pid`; defaults to the host name.
     pub name: Option<String>,
 }
 

@@ -466,7 +466,8 @@ pub async fn report_progress(
     worker: &str,
     progress: &Value,
 ) -> Result<bool, DbError> {
-    let sql = "UPDATE tally_jobs SET progress = $3, updated_at = $4 WHERE id = $1 AND worker = $2 \
+    let sql = "UPDATE tally_jobs SET progress = $3, updated_at = $4 \
+        WHERE id = $1 AND worker = $2 AND status = 'running' \
         RETURNING cancel_requested";
     let text = progress.to_string();
     let flag: Option<bool> = with_pool!(db, pool => {
@@ -559,7 +560,7 @@ pub async fn finish_many(
     let now = now_ms();
     let finishes: Vec<&Finish> = items.iter().filter_map(|c| c.finish.as_ref()).collect();
     let mut tx = db.begin().await?;
-    let updated: Vec<(String, String, i32, i64)> = if finishes.is_empty() {
+    let updated: Vec<(String, String, i32, i64, String)> = if finishes.is_empty() {
         Vec::new()
     } else {
         with_tx!(&mut tx, conn => {
@@ -573,23 +574,28 @@ pub async fn finish_many(
                     .push_bind(f.retry_at);
             });
             qb.push(
-                ") UPDATE tally_jobs SET status = v.vstatus, result = v.vresult, error = v.verror, \
-                 finished_at = v.vfinished, run_at = COALESCE(v.vrun_at, tally_jobs.run_at), updated_at = ",
+                // A failure of a job whose cancel was asked for ends it: no retry.
+                ") UPDATE tally_jobs SET \
+                 status = CASE WHEN tally_jobs.cancel_requested AND v.vstatus = 'failed' THEN 'cancelled' ELSE v.vstatus END, \
+                 finished_at = CASE WHEN tally_jobs.cancel_requested AND v.vstatus = 'failed' THEN ",
+            );
+            qb.push_bind(now).push(
+                " ELSE v.vfinished END, result = v.vresult, error = v.verror, \
+                 run_at = COALESCE(v.vrun_at, tally_jobs.run_at), updated_at = ",
             );
             qb.push_bind(now)
                 .push(" FROM v WHERE tally_jobs.id = v.vid AND tally_jobs.status = 'running' AND tally_jobs.worker = ")
                 .push_bind(worker)
-                .push(" RETURNING id, kind, priority, run_at");
+                .push(" RETURNING id, kind, priority, run_at, status");
             qb.build_query_as().fetch_all(&mut *conn).await?
         })
     };
     let mut pushes = Vec::new();
-    let mut applied = std::collections::HashSet::new();
-    for (id, kind, priority, run_at) in updated {
-        if finishes
-            .iter()
-            .any(|f| f.id == id && f.status == Status::Failed)
-        {
+    let mut applied = std::collections::HashMap::new();
+    for (id, kind, priority, run_at, status) in updated {
+        let status = Status::parse(&status)
+            .ok_or_else(|| DbError::Corrupt(format!("job {id} has status {status:?}")))?;
+        if status == Status::Failed {
             let spec = crate::kinds::lookup(&kind)
                 .ok_or_else(|| DbError::Corrupt(format!("job {id} has unknown kind {kind:?}")))?;
             pushes.push(Enqueue {
@@ -599,13 +605,17 @@ pub async fn finish_many(
                 run_at_ms: run_at,
             });
         }
-        applied.insert(id);
+        applied.insert(id, status);
     }
     queue::push(&mut tx, &pushes).await?;
     // A task is done when its attempt's outcome was stored (or it ran no attempt).
     let task_ids: Vec<String> = items
         .iter()
-        .filter(|c| c.finish.as_ref().is_none_or(|f| applied.contains(&f.id)))
+        .filter(|c| {
+            c.finish
+                .as_ref()
+                .is_none_or(|f| applied.contains_key(&f.id))
+        })
         .map(|c| c.task_id.clone())
         .collect();
     queue::complete(&mut tx, &task_ids, holders).await?;
@@ -613,13 +623,9 @@ pub async fn finish_many(
     Ok(items
         .iter()
         .map(|c| {
-            c.finish.as_ref().map(|f| {
-                if applied.contains(&f.id) {
-                    f.status
-                } else {
-                    Status::Running
-                }
-            })
+            c.finish
+                .as_ref()
+                .map(|f| applied.get(&f.id).copied().unwrap_or(Status::Running))
         })
         .collect())
 }

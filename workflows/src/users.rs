@@ -80,6 +80,7 @@ pub fn validate_email(email: &str) -> Result<String, String> {
     let email = email.trim();
     let ok = email.len() <= 254
         && !email.contains(char::is_whitespace)
+        && !email.contains(char::is_control)
         && matches!(email.split_once('@'), Some((l, d)) if !l.is_empty() && d.contains('.') && !d.starts_with('.') && !d.ends_with('.') && !d.contains('@'));
     if ok {
         Ok(email.to_ascii_lowercase())
