@@ -3,18 +3,10 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, Options, TestApp, assert_problem};
+use crate::helpers::{Backend, TestApp, assert_problem};
 
 async fn keys_and_roles(backend: Backend) {
-    let Some(app) = TestApp::spawn_with(
-        backend,
-        Options {
-            workers: false,
-            ..Default::default()
-        },
-    )
-    .await
-    else {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
         return;
     };
     // No key, a malformed header, an unknown key.
@@ -116,15 +108,7 @@ async fn keys_and_roles(backend: Backend) {
 }
 
 async fn users_see_only_their_jobs(backend: Backend) {
-    let Some(app) = TestApp::spawn_with(
-        backend,
-        Options {
-            workers: false,
-            ..Default::default()
-        },
-    )
-    .await
-    else {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
         return;
     };
     let id = app.submit(json!({"kind": "echo", "input": "mine"})).await;

@@ -5,7 +5,7 @@ use std::{process::Stdio, time::Duration};
 use serde_json::Value;
 use tokio::io::AsyncBufReadExt;
 
-use crate::helpers::{Backend, fresh_database, scratch_dir, tally};
+use crate::helpers::{Backend, fresh_database, scratch_dir, signal, tally};
 
 async fn output(cmd: &mut tokio::process::Command) -> (i32, String, String) {
     let out = cmd.output().await.expect("run tally");
@@ -130,11 +130,7 @@ async fn migrate_users_and_serve(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let status = std::process::Command::new("kill")
-        .arg(serve.id().unwrap().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(&serve, "TERM");
     assert!(serve.wait().await.unwrap().success(), "SIGTERM exits 0");
 }
 
@@ -208,10 +204,7 @@ async fn dev_runs_everything_with_an_admin_key(backend: Backend) {
         .unwrap();
     assert_eq!(events.status(), 200);
     let asked = std::time::Instant::now();
-    std::process::Command::new("kill")
-        .arg(dev.id().unwrap().to_string())
-        .status()
-        .unwrap();
+    signal(&dev, "TERM");
     let status = tokio::time::timeout(Duration::from_secs(20), dev.wait())
         .await
         .expect("dev exits with an event stream open")
@@ -256,10 +249,7 @@ async fn dev_prints_a_new_admin_key_once() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    std::process::Command::new("kill")
-        .arg(dev.id().unwrap().to_string())
-        .status()
-        .unwrap();
+    signal(&dev, "TERM");
     assert!(dev.wait().await.unwrap().success());
     // A second start on the same data dir finds the admin and prints no new key.
     let (code, out, _) = output(

@@ -158,6 +158,18 @@ impl TestApp {
         Self::spawn_with(backend, Options::default()).await
     }
 
+    /// The API alone: no worker pools in this process (tests start their own, or none).
+    pub async fn spawn_api_only(backend: Backend) -> Option<TestApp> {
+        Self::spawn_with(
+            backend,
+            Options {
+                workers: false,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
     pub async fn spawn_with(backend: Backend, opts: Options) -> Option<TestApp> {
         init_logs();
         let url = fresh_database(backend).await?;
@@ -297,6 +309,17 @@ pub async fn assert_problem(resp: Response, status: StatusCode) -> Value {
     );
     assert!(v["type"].as_str().is_some(), "problem has a type: {v}");
     v
+}
+
+/// Sends `sig` (`TERM`, `KILL`) to a child process.
+pub fn signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().expect("child is running");
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
 }
 
 /// The `tally` binary.

@@ -49,15 +49,7 @@ async fn submit_and_poll(backend: Backend) {
 }
 
 async fn idempotency(backend: Backend) {
-    let Some(app) = TestApp::spawn_with(
-        backend,
-        Options {
-            workers: false,
-            ..Default::default()
-        },
-    )
-    .await
-    else {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
         return;
     };
     let send = |body: Value, key: &'static str, api_key: String| {
@@ -345,15 +337,7 @@ async fn events_stream(backend: Backend) {
 }
 
 async fn list_and_page(backend: Backend) {
-    let Some(app) = TestApp::spawn_with(
-        backend,
-        Options {
-            workers: false,
-            ..Default::default()
-        },
-    )
-    .await
-    else {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
         return;
     };
     let mut ids = Vec::new();
@@ -398,15 +382,7 @@ async fn list_and_page(backend: Backend) {
 }
 
 async fn priorities_run_first(backend: Backend) {
-    let Some(app) = TestApp::spawn_with(
-        backend,
-        Options {
-            workers: false,
-            ..Default::default()
-        },
-    )
-    .await
-    else {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
         return;
     };
     let low = app.submit(json!({"kind": "echo", "priority": 0})).await;
@@ -437,15 +413,7 @@ async fn priorities_run_first(backend: Backend) {
 }
 
 async fn health(backend: Backend) {
-    let Some(app) = TestApp::spawn_with(
-        backend,
-        Options {
-            workers: false,
-            ..Default::default()
-        },
-    )
-    .await
-    else {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
         return;
     };
     let h = app.client.get(app.url("/healthz")).send().await.unwrap();
@@ -465,15 +433,7 @@ async fn health(backend: Backend) {
 
 /// A failure of an attempt whose job was asked to stop ends the job as cancelled: no retry.
 async fn failure_after_cancel_request_is_final(backend: Backend) {
-    let Some(app) = TestApp::spawn_with(
-        backend,
-        Options {
-            workers: false,
-            ..Default::default()
-        },
-    )
-    .await
-    else {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
         return;
     };
     let id = app

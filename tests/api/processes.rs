@@ -7,28 +7,10 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, Options, TestApp, spawn_worker};
-
-fn signal(child: &tokio::process::Child, sig: &str) {
-    let pid = child.id().expect("child is running");
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
+use crate::helpers::{Backend, TestApp, signal, spawn_worker};
 
 async fn three_workers_share_a_queue(backend: Backend) {
-    let Some(app) = TestApp::spawn_with(
-        backend,
-        Options {
-            workers: false,
-            ..Default::default()
-        },
-    )
-    .await
-    else {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
         return;
     };
     let mut workers = Vec::new();
@@ -86,15 +68,7 @@ async fn three_workers_share_a_queue(backend: Backend) {
 }
 
 async fn sigkill_job_is_rescued(backend: Backend) {
-    let Some(app) = TestApp::spawn_with(
-        backend,
-        Options {
-            workers: false,
-            ..Default::default()
-        },
-    )
-    .await
-    else {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
         return;
     };
     let (mut first, first_name) = spawn_worker(&app.url, &[]).await;
@@ -126,15 +100,7 @@ async fn sigkill_job_is_rescued(backend: Backend) {
 }
 
 async fn sigterm_finishes_or_hands_back(backend: Backend) {
-    let Some(app) = TestApp::spawn_with(
-        backend,
-        Options {
-            workers: false,
-            ..Default::default()
-        },
-    )
-    .await
-    else {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
         return;
     };
     // A short job in flight finishes before the process exits.

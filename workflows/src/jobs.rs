@@ -160,16 +160,9 @@ impl From<sqlx::Error> for JobError {
     }
 }
 
-/// Submits one job: the record and its queue task commit together. With an idempotency key,
-/// a replay of the same request returns the first job (`false`: nothing new was created).
-pub async fn submit(db: &Db, new: NewJob) -> Result<(Job, bool), JobError> {
-    submit_many(db, vec![new])
-        .await?
-        .pop()
-        .ok_or(JobError::NotFound)?
-}
-
-/// Submits jobs in one transaction: one multi-row insert and one batched queue push per 500.
+/// Submits jobs in one transaction: each record and its queue task commit together. With an
+/// idempotency key, a replay of the same request answers with the first job (`false`: nothing
+/// new was created). One multi-row insert and one batched queue push per 500 jobs.
 /// Each job gets its own answer: an idempotency conflict refuses that job, not the others.
 pub async fn submit_many(
     db: &Db,
@@ -379,19 +372,23 @@ pub async fn retry(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
             job.status
         )));
     };
-    queue::push(&mut tx, &[enqueue_of(&job, now)?]).await?;
+    queue::push(
+        &mut tx,
+        &[enqueue_of(&job.id, &job.kind, job.priority, now)?],
+    )
+    .await?;
     tx.commit().await?;
     Ok(job)
 }
 
-fn enqueue_of(job: &Job, run_at_ms: i64) -> Result<Enqueue, DbError> {
-    let spec = crate::kinds::lookup(&job.kind).ok_or_else(|| {
-        DbError::Corrupt(format!("job {} has unknown kind {:?}", job.id, job.kind))
-    })?;
+/// The queue task for a job's next attempt (its queue follows from its kind).
+fn enqueue_of(id: &str, kind: &str, priority: i32, run_at_ms: i64) -> Result<Enqueue, DbError> {
+    let spec = crate::kinds::lookup(kind)
+        .ok_or_else(|| DbError::Corrupt(format!("job {id} has unknown kind {kind:?}")))?;
     Ok(Enqueue {
-        job_id: job.id.clone(),
+        job_id: id.to_owned(),
         queue: spec.queue,
-        priority: job.priority,
+        priority,
         run_at_ms,
     })
 }
@@ -596,14 +593,7 @@ pub async fn finish_many(
         let status = Status::parse(&status)
             .ok_or_else(|| DbError::Corrupt(format!("job {id} has status {status:?}")))?;
         if status == Status::Failed {
-            let spec = crate::kinds::lookup(&kind)
-                .ok_or_else(|| DbError::Corrupt(format!("job {id} has unknown kind {kind:?}")))?;
-            pushes.push(Enqueue {
-                job_id: id.clone(),
-                queue: spec.queue,
-                priority,
-                run_at_ms: run_at,
-            });
+            pushes.push(enqueue_of(&id, &kind, priority, run_at)?);
         }
         applied.insert(id, status);
     }
