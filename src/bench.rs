@@ -165,6 +165,7 @@ async fn bench_backend(cfg: &Config, args: &BenchArgs, url: &str) -> Result<Figu
                 max_attempts: 3,
                 idempotency_key: None,
                 request_hash: String::new(),
+                price: 0,
             })
             .collect();
         for answer in jobs::submit_many(&db, batch).await? {
@@ -250,7 +251,11 @@ async fn http_load(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let stop_server = CancellationToken::new();
-    let state = AppState::new(db, cfg.clone());
+    let state = AppState::new(
+        db,
+        cfg.clone(),
+        tally_workflows::ledger::log::Keys::load(&cfg.ledger, None).map_err(CliError::usage)?,
+    );
     let server = tokio::spawn(tally_api::serve(
         listener,
         state,

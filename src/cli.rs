@@ -1,14 +1,17 @@
 //! Commands, flags and the one place that turns errors into a message and an exit code
-//! (2: bad configuration or usage; 3: the database; 1: anything else).
+//! (2: bad configuration or usage; 3: the database; 4: the ledger failed verification;
+//! 1: anything else).
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand};
 use tally_api::AppState;
+use tally_ledger::VerifierKey;
 use tally_workers::WorkerPool;
 use tally_workflows::{
     Db, DbError,
     config::{Config, ConfigError},
+    ledger::log::{self as ledger_log, Keys},
     users::{self, Role, UserError},
 };
 use tokio_util::sync::CancellationToken;
@@ -61,6 +64,50 @@ enum Command {
     Config,
     /// Measure enqueue and drain throughput and HTTP submission rate.
     Bench(crate::bench::BenchArgs),
+    /// Checkpoint signing keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// The signed credit ledger: audit and export.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Make a new Ed25519 checkpoint signing key. The private key goes to --out (mode 0600) or,
+    /// without it, to standard output; the public (verifier) key is printed on standard error.
+    Generate {
+        /// The key's name, shown in every signature line.
+        #[arg(long, default_value = "tally")]
+        name: String,
+        /// File to write the private key to (refuses to overwrite).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LedgerCommand {
+    /// Recompute every entry, the Merkle tree, every checkpoint's root and signature, and every
+    /// balance from a replay. Exits 4 naming the first problem.
+    Verify {
+        /// Verify an export folder instead of the database (no database needed).
+        #[arg(long)]
+        export: Option<PathBuf>,
+        /// Trust this verifier key (repeatable). Default: the configured keys, or for an
+        /// export without configured keys, the export's own keys.txt.
+        #[arg(long = "key")]
+        keys: Vec<String>,
+    },
+    /// Write the entries (JSON Lines), checkpoints, public keys and balances into a folder.
+    Export {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -241,6 +288,167 @@ async fn open_ready(cfg: &Config) -> Result<Db, CliError> {
     Ok(db)
 }
 
+/// The ledger keys the configuration names (`tally dev` falls back to one in its data folder).
+fn ledger_keys(cfg: &Config, dev: bool) -> Result<Keys, CliError> {
+    let fallback =
+        if dev && cfg.ledger.signing_key.is_none() && cfg.ledger.signing_key_file.is_none() {
+            Some(ledger_log::dev_key(&cfg.data_dir).map_err(CliError::usage)?)
+        } else {
+            None
+        };
+    let keys = Keys::load(&cfg.ledger, fallback).map_err(CliError::usage)?;
+    if keys.signer.is_none() {
+        tracing::info!(
+            "no ledger.signing_key: this process commits transfers but does not sign checkpoints"
+        );
+    }
+    Ok(keys)
+}
+
+/// The ledger's background work for this process, stopped by `token`.
+fn maintenance(
+    db: &Db,
+    cfg: &Config,
+    keys: &Keys,
+    token: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    ledger_log::spawn_maintenance(
+        db.clone(),
+        keys.signer.clone(),
+        cfg.ledger.clone(),
+        token.clone(),
+    )
+}
+
+fn progress_bar(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
+        "{what} {{bar:40}} {{pos}}/{{len}} entries ({{per_sec}}, {{eta}} left)"
+    )) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn verdict(result: Result<tally_ledger::Report, String>) -> Result<(), CliError> {
+    match result {
+        Ok(report) => {
+            println!(
+                "ledger verified: {} entries in the log ({} not yet integrated), {} checkpoints, {} accounts; root {} at size {}",
+                report.entries,
+                report.pending,
+                report.checkpoints,
+                report.accounts,
+                report.root,
+                report.size
+            );
+            Ok(())
+        }
+        Err(why) => Err(CliError {
+            message: format!("ledger verification failed: {why}"),
+            hint: None,
+            code: 4,
+        }),
+    }
+}
+
+async fn run_ledger(cfg: &Config, command: LedgerCommand) -> Result<(), CliError> {
+    match command {
+        LedgerCommand::Verify {
+            export: Some(dir),
+            keys,
+        } => {
+            let mut trusted = parse_keys(&keys)?;
+            if trusted.is_empty() {
+                trusted = Keys::load(&cfg.ledger, None)
+                    .map_err(CliError::usage)?
+                    .trusted;
+            }
+            let trusted = (!trusted.is_empty()).then_some(trusted);
+            if trusted.is_none() {
+                eprintln!("note: trusting the keys in the export's keys.txt; pin keys with --key");
+            }
+            let bar = progress_bar("verifying");
+            let result = tally_ledger::export::verify_export(&dir, trusted, None, &mut |n| {
+                bar.set_length(bar.length().unwrap_or(0).max(n));
+                bar.set_position(n)
+            });
+            bar.finish_and_clear();
+            match result {
+                Ok(report) => verdict(Ok(report)),
+                Err(tally_ledger::export::ExportError::Finding(f)) => verdict(Err(f.to_string())),
+                Err(e) => Err(CliError::usage(e.to_string())),
+            }
+        }
+        LedgerCommand::Verify { export: None, keys } => {
+            let mut trusted = Keys::load(&cfg.ledger, None)
+                .map_err(CliError::usage)?
+                .trusted;
+            trusted.extend(parse_keys(&keys)?);
+            if trusted.is_empty() {
+                return Err(CliError::usage("no trusted ledger keys").hint(
+                    "set ledger.signing_key, ledger.signing_key_file or ledger.verifier_keys, or pass --key",
+                ));
+            }
+            let db = open_ready(cfg).await?;
+            let bar = progress_bar("verifying");
+            let result = ledger_log::verify(
+                &db,
+                trusted,
+                Some(cfg.ledger.origin.clone()),
+                &mut |done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done)
+                },
+            )
+            .await?;
+            bar.finish_and_clear();
+            close(db).await;
+            verdict(result.map_err(|f| f.to_string()))
+        }
+        LedgerCommand::Export { out } => {
+            let db = open_ready(cfg).await?;
+            let keys = Keys::load(&cfg.ledger, None).map_err(CliError::usage)?;
+            // Sign what is waiting first, so the export covers every committed transfer.
+            if let Some(signer) = &keys.signer {
+                ledger_log::integrate(&db, signer, &cfg.ledger.origin, usize::MAX >> 1).await?;
+            }
+            let bar = progress_bar("exporting");
+            let done = ledger_log::export_to(&db, &out, &keys.trusted, &mut |done, total| {
+                bar.set_length(total);
+                bar.set_position(done)
+            })
+            .await
+            .map_err(|e| match e {
+                ledger_log::ExportError::Db(e) => CliError::from(e),
+                other => CliError::other(other.to_string()),
+            })?;
+            bar.finish_and_clear();
+            close(db).await;
+            println!(
+                "exported {} entries, {} checkpoints and {} keys to {}{}",
+                done.entries,
+                done.checkpoints,
+                done.keys,
+                out.display(),
+                if done.balances {
+                    ""
+                } else {
+                    " (balances left out: some transfers are not signed into the log yet)"
+                }
+            );
+            Ok(())
+        }
+    }
+}
+
+fn parse_keys(texts: &[String]) -> Result<Vec<VerifierKey>, CliError> {
+    texts
+        .iter()
+        .map(|t| VerifierKey::parse(t).map_err(|e| CliError::usage(format!("--key {t:?}: {e}"))))
+        .collect()
+}
+
 /// Makes sure an admin can log in: the `TALLY_ADMIN_KEY` one, or (when `create` and no admin
 /// exists yet) a new one whose key is printed.
 async fn ensure_admin(db: &Db, cfg: &Config, create: bool) -> Result<(), CliError> {
@@ -300,14 +508,17 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 "Tally dev is listening on http://{addr} (database {})",
                 tally_workflows::config::redact_url(&cfg.database_url())
             );
+            let keys = ledger_keys(&cfg, true)?;
             let token = shutdown_token();
-            let state = AppState::new(db.clone(), cfg.clone());
+            let ledger = maintenance(&db, &cfg, &keys, &token);
+            let state = AppState::new(db.clone(), cfg.clone(), keys);
             let api = tally_api::serve(listener, state, token.clone().cancelled_owned());
             let pool = WorkerPool::new(db.clone(), cfg.clone());
             let workers = pool.run(token.clone().cancelled_owned());
             let (api, workers) = tokio::join!(api, workers);
             api?;
             workers?;
+            let _ = ledger.await;
             close(db).await;
             Ok(())
         }
@@ -319,21 +530,48 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 "Tally API is listening on http://{}",
                 listener.local_addr()?
             );
+            let keys = ledger_keys(&cfg, false)?;
             let token = shutdown_token();
-            let state = AppState::new(db.clone(), cfg);
-            tally_api::serve(listener, state, token.cancelled_owned()).await?;
+            let ledger = maintenance(&db, &cfg, &keys, &token);
+            let state = AppState::new(db.clone(), cfg, keys);
+            tally_api::serve(listener, state, token.clone().cancelled_owned()).await?;
+            token.cancel();
+            let _ = ledger.await;
             close(db).await;
             Ok(())
         }
         Command::Work { .. } => {
             let db = open_ready(&cfg).await?;
+            let keys = ledger_keys(&cfg, false)?;
             let token = shutdown_token();
+            let ledger = maintenance(&db, &cfg, &keys, &token);
             let pool = WorkerPool::new(db.clone(), cfg);
             println!("Tally worker {} started", pool.name());
-            pool.run(token.cancelled_owned()).await?;
+            pool.run(token.clone().cancelled_owned()).await?;
+            token.cancel();
+            let _ = ledger.await;
             close(db).await;
             Ok(())
         }
         Command::Bench(args) => crate::bench::run(cfg, args).await,
+        Command::Keys {
+            command: KeysCommand::Generate { name, out },
+        } => {
+            let key = match &out {
+                Some(path) => ledger_log::write_new_key(path, &name).map_err(CliError::usage)?,
+                None => {
+                    let key = tally_ledger::SignerKey::generate(&name)
+                        .map_err(|e| CliError::usage(e.to_string()))?;
+                    println!("{}", key.encode());
+                    key
+                }
+            };
+            if let Some(path) = &out {
+                eprintln!("private key written to {}", path.display());
+            }
+            eprintln!("verifier key: {}", key.verifier().encode());
+            Ok(())
+        }
+        Command::Ledger { command } => run_ledger(&cfg, command).await,
     }
 }

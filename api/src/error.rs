@@ -6,7 +6,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde_json::json;
-use tally_workflows::{DbError, jobs::JobError, users::UserError};
+use tally_workflows::{DbError, jobs::JobError, ledger::LedgerError, users::UserError};
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -92,7 +92,29 @@ impl From<JobError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "idempotency-conflict", e.to_string())
             }
             JobError::Conflict(msg) => ApiError::conflict(msg),
+            JobError::InsufficientCredits { .. } => insufficient(e.to_string()),
             JobError::Db(e) => e.into(),
+        }
+    }
+}
+
+fn insufficient(detail: String) -> ApiError {
+    ApiError::new(StatusCode::PAYMENT_REQUIRED, "insufficient-credits", detail)
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(e: LedgerError) -> Self {
+        match e {
+            LedgerError::InsufficientCredits { .. } => insufficient(e.to_string()),
+            LedgerError::TransferConflict(_) | LedgerError::ReservationConflict(_) => {
+                ApiError::new(StatusCode::CONFLICT, "idempotency-conflict", e.to_string())
+            }
+            LedgerError::NotFound => ApiError::not_found("no reservation with this id"),
+            LedgerError::Closed { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "reservation-closed", e.to_string())
+            }
+            LedgerError::Invalid(msg) => ApiError::invalid(msg),
+            LedgerError::Db(e) => e.into(),
         }
     }
 }

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tally_workflows::{
-    jobs::{self, ListFilter, NewJob, Status},
+    jobs::{self, Job, ListFilter, NewJob, Status},
     kinds,
 };
 
@@ -122,14 +122,26 @@ async fn submit(
         max_attempts,
         idempotency_key: key,
         request_hash: hex(&Sha256::digest(canonical.to_string().as_bytes())),
+        price: state.cfg.price(spec.name),
     };
     let (job, created) = state.submissions.call(new).await??;
-    let mut resp = (StatusCode::ACCEPTED, Json(job.view())).into_response();
+    let mut resp = (StatusCode::ACCEPTED, Json(with_cost(&state, &job).await?)).into_response();
     if !created {
         resp.headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(resp)
+}
+
+/// The job with what it cost: credits held and settled, and the ledger transfers (each linking
+/// its log entry's inclusion proof). A free job costs nothing and needs no lookup.
+async fn with_cost(state: &AppState, job: &Job) -> Result<Value, ApiError> {
+    let mut view = job.view();
+    view["cost"] = match &job.reservation_id {
+        None => json!({ "reserved": 0, "settled": 0, "transfers": [] }),
+        Some(_) => tally_workflows::ledger::job_cost(&state.db, &job.id).await?,
+    };
+    Ok(view)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -141,7 +153,8 @@ async fn show(
     Caller(user): Caller,
     JobId(id): JobId,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(jobs::get(&state.db, &id, &user).await?.view()))
+    let job = jobs::get(&state.db, &id, &user).await?;
+    Ok(Json(with_cost(&state, &job).await?))
 }
 
 #[derive(Deserialize)]
@@ -212,7 +225,8 @@ async fn cancel(
     Caller(user): Caller,
     JobId(id): JobId,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(jobs::cancel(&state.db, &id, &user).await?.view()))
+    let job = jobs::cancel(&state.db, &id, &user).await?;
+    Ok(Json(with_cost(&state, &job).await?))
 }
 
 async fn retry(
@@ -220,10 +234,8 @@ async fn retry(
     Caller(user): Caller,
     JobId(id): JobId,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(jobs::retry(&state.db, &id, &user).await?.view()),
-    ))
+    let job = jobs::retry(&state.db, &id, &user).await?;
+    Ok((StatusCode::ACCEPTED, Json(with_cost(&state, &job).await?)))
 }
 
 /// How often the event stream looks at the job.

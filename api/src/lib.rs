@@ -4,13 +4,16 @@
 //! - [`error`]: [`ApiError`], the one error type; every 4xx/5xx is `application/problem+json`.
 //! - [`extract`]: JSON, query and path extractors whose rejections answer in that format.
 //! - [`auth`]: bearer API keys → [`Caller`]; admin-only routes take [`Admin`].
-//! - [`jobs`], [`users`], [`health`]: one router per area, merged in [`router`].
+//! - [`jobs`], [`credits`], [`ledger`], [`users`], [`health`]: one router per area, merged in
+//!   [`router`].
 
 pub mod auth;
+pub mod credits;
 pub mod error;
 pub mod extract;
 pub mod health;
 pub mod jobs;
+pub mod ledger;
 pub mod users;
 
 use std::{future::Future, sync::Arc};
@@ -21,6 +24,7 @@ use tally_workflows::{
     batch::Batcher,
     config::Config,
     jobs::{Job, JobError, NewJob},
+    ledger::{Done, LedgerError, Op, log::Keys},
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +39,10 @@ pub struct AppState {
     pub cfg: Arc<Config>,
     /// Submissions from all concurrent requests, group-committed.
     pub submissions: Batcher<NewJob, Result<(Job, bool), JobError>>,
+    /// Ledger operations from all concurrent requests, group-committed.
+    pub ledger: Batcher<Op, Result<Done, LedgerError>>,
+    /// The ledger's signing key (if this process signs) and trusted public keys.
+    pub ledger_keys: Arc<Keys>,
     /// Valid API keys seen lately.
     pub keys: Arc<auth::KeyCache>,
     /// Cancelled when the server starts shutting down: event streams end, so graceful shutdown
@@ -46,8 +54,8 @@ pub struct AppState {
 const MAX_SUBMIT_BATCH: usize = 256;
 
 impl AppState {
-    /// Must be called inside a Tokio runtime: it starts the submission batcher.
-    pub fn new(db: Db, cfg: Config) -> AppState {
+    /// Must be called inside a Tokio runtime: it starts the batchers.
+    pub fn new(db: Db, cfg: Config, ledger_keys: Keys) -> AppState {
         let submissions = {
             let db = db.clone();
             Batcher::spawn(MAX_SUBMIT_BATCH, move |jobs: Vec<NewJob>| {
@@ -55,10 +63,19 @@ impl AppState {
                 async move { tally_workflows::jobs::submit_many(&db, jobs).await }
             })
         };
+        let ledger = {
+            let db = db.clone();
+            Batcher::spawn(MAX_SUBMIT_BATCH, move |ops: Vec<Op>| {
+                let db = db.clone();
+                async move { tally_workflows::ledger::run(&db, ops).await }
+            })
+        };
         AppState {
             db,
             cfg: Arc::new(cfg),
             submissions,
+            ledger,
+            ledger_keys: Arc::new(ledger_keys),
             keys: Arc::default(),
             stopping: CancellationToken::new(),
         }
@@ -71,6 +88,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .merge(jobs::router())
+        .merge(credits::router())
+        .merge(ledger::router())
         .merge(users::router())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

@@ -15,7 +15,8 @@ use tally_api::AppState;
 use tally_workers::WorkerPool;
 use tally_workflows::{
     Db,
-    config::Config,
+    config::{Config, Secret},
+    ledger::log::Keys,
     users::{self, Role},
 };
 use tokio::task::JoinHandle;
@@ -134,6 +135,11 @@ pub struct TestApp {
     pub url: String,
     pub admin_key: String,
     pub user_key: String,
+    pub user_id: String,
+    /// The checkpoint signing key this app's processes use (`PRIVATE+KEY+...`).
+    pub signing_key: String,
+    pub keys: Keys,
+    pub cfg: Config,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -142,6 +148,8 @@ pub struct Options {
     /// Run worker pools inside the test process.
     pub workers: bool,
     pub overrides: Vec<(&'static str, Value)>,
+    /// Run the ledger's background work (integration, signing, expiry) in this process.
+    pub maintenance: bool,
 }
 
 impl Default for Options {
@@ -149,6 +157,7 @@ impl Default for Options {
         Options {
             workers: true,
             overrides: vec![],
+            maintenance: true,
         }
     }
 }
@@ -173,7 +182,11 @@ impl TestApp {
     pub async fn spawn_with(backend: Backend, opts: Options) -> Option<TestApp> {
         init_logs();
         let url = fresh_database(backend).await?;
-        let cfg = test_config(&url, &opts.overrides);
+        let mut cfg = test_config(&url, &opts.overrides);
+        let signer = tally_ledger::SignerKey::generate("tally-test").expect("key");
+        let signing_key = signer.encode();
+        cfg.ledger.signing_key = Some(Secret::new(signing_key.clone()));
+        let keys = Keys::load(&cfg.ledger, None).expect("ledger keys");
         let db = Db::connect(&url, cfg.max_connections)
             .await
             .expect("connect");
@@ -189,15 +202,27 @@ impl TestApp {
             .expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let shutdown = CancellationToken::new();
-        let state = AppState::new(db.clone(), cfg.clone());
-        let mut tasks = vec![tokio::spawn({
+        let state = AppState::new(db.clone(), cfg.clone(), keys.clone());
+        let mut tasks = Vec::new();
+        if opts.maintenance {
+            let ledger = tally_workflows::ledger::log::spawn_maintenance(
+                db.clone(),
+                keys.signer.clone(),
+                cfg.ledger.clone(),
+                shutdown.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let _ = ledger.await;
+            }));
+        }
+        tasks.push(tokio::spawn({
             let s = shutdown.clone();
             async move {
                 tally_api::serve(listener, state, s.cancelled_owned())
                     .await
                     .expect("serve");
             }
-        })];
+        }));
         if opts.workers {
             let pool = WorkerPool::new(db.clone(), cfg.clone());
             let s = shutdown.clone();
@@ -212,6 +237,10 @@ impl TestApp {
             url,
             admin_key: admin.api_key,
             user_key: user.api_key,
+            user_id: user.id,
+            signing_key,
+            keys,
+            cfg,
             shutdown,
             tasks,
         })
@@ -275,6 +304,55 @@ impl TestApp {
                 "job {id} did not reach {statuses:?} in {timeout:?}: {job}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Grants `amount` credits to the user behind `user_id` (as the admin).
+    pub async fn grant(&self, user_id: &str, amount: i64) {
+        let resp = self
+            .post(
+                &self.admin_key,
+                "/v1/admin/credits/grant",
+                json!({ "user_id": user_id, "amount": amount }),
+            )
+            .await;
+        assert_eq!(resp.status(), StatusCode::CREATED, "grant");
+    }
+
+    /// The user's `(available, held)` credits.
+    pub async fn balance(&self, key: &str) -> (i64, i64) {
+        let resp = self.get(key, "/v1/credits/balance").await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let v: Value = resp.json().await.expect("json");
+        (
+            v["available"].as_i64().expect("available"),
+            v["held"].as_i64().expect("held"),
+        )
+    }
+
+    /// Waits until a signed checkpoint covers every committed transfer; returns its size.
+    pub async fn wait_signed(&self) -> u64 {
+        let start = Instant::now();
+        loop {
+            let total = tally_workflows::ledger::log::log_size(&self.db)
+                .await
+                .expect("log size");
+            let pending: i64 = tally_workflows::with_pool!(&self.db, pool => {
+                sqlx::query_scalar("SELECT COUNT(*) FROM ledger_transfers WHERE seq IS NULL")
+                    .fetch_one(pool).await.expect("count")
+            });
+            let signed = tally_workflows::ledger::log::latest_checkpoint(&self.db)
+                .await
+                .expect("checkpoint")
+                .map(|c| c.size);
+            if pending == 0 && signed == Some(total) {
+                return total;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the ledger was not signed in time"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

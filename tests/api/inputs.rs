@@ -9,6 +9,7 @@ async fn bad_inputs_are_4xx(backend: Backend) {
     let opts = Options {
         workers: false,
         overrides: vec![("api.body_limit", json!(4096))],
+        ..Default::default()
     };
     let Some(app) = TestApp::spawn_with(backend, opts).await else {
         return;

@@ -121,6 +121,7 @@ async fn retries_wait_for_backoff(backend: Backend) {
     let opts = Options {
         workers: true,
         overrides: vec![("jobs.retry_base_ms", json!(1000))],
+        ..Default::default()
     };
     let Some(app) = TestApp::spawn_with(backend, opts).await else {
         return;
@@ -460,6 +461,7 @@ async fn failure_after_cancel_request_is_final(backend: Backend) {
             task_id: "none".into(),
             finish: Some(finish),
         }],
+        Duration::ZERO,
     )
     .await
     .unwrap();

@@ -8,4 +8,6 @@ mod auth;
 mod cli;
 mod inputs;
 mod jobs;
+mod ledger;
+mod ledger_props;
 mod processes;

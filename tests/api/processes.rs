@@ -157,8 +157,71 @@ async fn sigterm_finishes_or_hands_back(backend: Backend) {
     app.stop().await;
 }
 
+/// A worker killed inside the transaction that settles a job's credits: the settlement and the
+/// job's success commit together or not at all, so after the rescue the job is charged once.
+async fn sigkill_while_settling_charges_once(backend: Backend) {
+    let opts = crate::helpers::Options {
+        workers: false,
+        overrides: vec![("pricing.echo", json!(5))],
+        ..Default::default()
+    };
+    let Some(app) = TestApp::spawn_with(backend, opts).await else {
+        return;
+    };
+    app.grant(&app.user_id, 20).await;
+    let (mut first, first_name) =
+        spawn_worker(&app.url, &[("TALLY_WORKER__SETTLE_PAUSE_MS", "60000")]).await;
+    let id = app.submit(json!({"kind": "echo", "input": {"n": 1}})).await;
+    assert_eq!(app.balance(&app.user_key).await, (15, 5));
+    let job = app
+        .wait_for(&id, &["running"], Duration::from_secs(15))
+        .await;
+    assert_eq!(job["worker"], first_name.as_str());
+    // The echo is done in microseconds; the worker now sits between writing the settlement and
+    // committing it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(app.job(&id).await["status"], "running");
+    signal(&first, "KILL");
+    let _ = first.wait().await;
+    assert_eq!(
+        app.balance(&app.user_key).await,
+        (15, 5),
+        "nothing was charged"
+    );
+    let (mut second, second_name) = spawn_worker(&app.url, &[]).await;
+    let job = app
+        .wait_for(&id, &["succeeded"], Duration::from_secs(40))
+        .await;
+    assert_eq!(job["worker"], second_name.as_str(), "{job}");
+    assert_eq!(
+        job["attempts"], 2,
+        "the first attempt's outcome never committed: {job}"
+    );
+    assert_eq!(job["cost"]["settled"], 5, "{job}");
+    let settles = job["cost"]["transfers"]
+        .as_array()
+        .expect("transfers")
+        .iter()
+        .filter(|t| t["kind"] == "settle")
+        .count();
+    assert_eq!(settles, 1, "charged exactly once: {job}");
+    assert_eq!(app.balance(&app.user_key).await, (15, 0));
+    app.wait_signed().await;
+    let v: Value = app
+        .get(&app.admin_key, "/v1/admin/ledger/verify")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["ok"], true, "{v}");
+    signal(&second, "TERM");
+    assert!(second.wait().await.unwrap().success());
+    app.stop().await;
+}
+
 crate::both_backends!(
     three_workers_share_a_queue,
     sigkill_job_is_rescued,
-    sigterm_finishes_or_hands_back
+    sigterm_finishes_or_hands_back,
+    sigkill_while_settling_charges_once
 );

@@ -104,9 +104,10 @@ impl WorkerPool {
             .collect();
         let finishes = {
             let (db, name, holders) = (self.db.clone(), self.name.clone(), holders.clone());
+            let pause = Duration::from_millis(self.cfg.worker.settle_pause_ms);
             Batcher::spawn(MAX_BATCH, move |items: Vec<Completion>| {
                 let (db, name, holders) = (db.clone(), name.clone(), holders.clone());
-                async move { jobs::finish_many(&db, &name, &holders, &items).await }
+                async move { jobs::finish_many(&db, &name, &holders, &items, pause).await }
             })
         };
         let rt = Arc::new(Runtime {

@@ -46,6 +46,39 @@ pub struct Config {
     pub api: ApiConfig,
     pub worker: WorkerConfig,
     pub jobs: JobsConfig,
+    pub ledger: LedgerConfig,
+    pub credits: CreditsConfig,
+    /// Credits each job of a kind costs (`[pricing] echo = 2`). Kinds not listed cost 0.
+    pub pricing: BTreeMap<String, i64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// The log's name, the first line of every checkpoint.
+    pub origin: String,
+    /// The Ed25519 key that signs checkpoints (`PRIVATE+KEY+name+id+...`, made by
+    /// `tally keys generate`). A process without one commits transfers but signs nothing.
+    pub signing_key: Option<Secret>,
+    /// The same, read from a file.
+    pub signing_key_file: Option<PathBuf>,
+    /// Public keys whose old checkpoints still verify after a rotation (`name+id+...`): a
+    /// list, or one comma-separated string (`TALLY_LEDGER__VERIFIER_KEYS`).
+    #[serde(deserialize_with = "list_or_csv")]
+    pub verifier_keys: Vec<String>,
+    /// How often a signing process integrates new transfers into the log and signs a checkpoint.
+    pub checkpoint_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreditsConfig {
+    /// Credits the one-time welcome bonus grants (also `WELCOME_BONUS_AMOUNT`).
+    pub welcome_bonus: i64,
+    /// Lifetime of a reservation made through the API when the request does not say.
+    pub reservation_ttl_secs: u64,
+    /// Longest lifetime a reservation may ask for.
+    pub max_reservation_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -74,6 +107,9 @@ pub struct WorkerConfig {
     pub shutdown_timeout_secs: u64,
     /// Worker name shown on the jobs it runs, followed by `:pid`; defaults to the host name.
     pub name: Option<String>,
+    /// Fault injection for tests: pause this long inside each settlement transaction, after the
+    /// ledger writes and before the commit. 0 (the default) in production.
+    pub settle_pause_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -124,12 +160,26 @@ impl Default for Config {
                 lease_secs: 30,
                 shutdown_timeout_secs: 30,
                 name: None,
+                settle_pause_ms: 0,
             },
             jobs: JobsConfig {
                 default_max_attempts: 5,
                 retry_base_ms: 1000,
                 retry_max_ms: 300_000,
             },
+            ledger: LedgerConfig {
+                origin: "tally.local/ledger".to_owned(),
+                signing_key: None,
+                signing_key_file: None,
+                verifier_keys: Vec::new(),
+                checkpoint_ms: 250,
+            },
+            credits: CreditsConfig {
+                welcome_bonus: 1000,
+                reservation_ttl_secs: 300,
+                max_reservation_ttl_secs: 7 * 24 * 3600,
+            },
+            pricing: BTreeMap::new(),
         }
     }
 }
@@ -162,6 +212,13 @@ impl Config {
         }
         if let Ok(url) = std::env::var("DATABASE_URL") {
             fig = fig.merge(("database_url", url));
+        }
+        if let Ok(amount) = std::env::var("WELCOME_BONUS_AMOUNT") {
+            let amount: i64 = amount.trim().parse().map_err(|_| ConfigError::Invalid {
+                key: "credits.welcome_bonus",
+                why: format!("WELCOME_BONUS_AMOUNT={amount:?} is not a whole number of credits"),
+            })?;
+            fig = fig.merge(("credits.welcome_bonus", amount));
         }
         fig = fig.merge(
             Env::prefixed("TALLY_")
@@ -238,6 +295,43 @@ impl Config {
         if self.api.body_limit < 1024 {
             return invalid("api.body_limit", "must be at least 1024 bytes");
         }
+        if self.credits.welcome_bonus < 0 {
+            return invalid("credits.welcome_bonus", "must not be negative");
+        }
+        if self.credits.reservation_ttl_secs == 0
+            || self.credits.reservation_ttl_secs > self.credits.max_reservation_ttl_secs
+        {
+            return invalid(
+                "credits.reservation_ttl_secs",
+                "must be at least 1 and not above credits.max_reservation_ttl_secs",
+            );
+        }
+        if self.ledger.checkpoint_ms == 0 || self.ledger.checkpoint_ms > 1000 {
+            return invalid(
+                "ledger.checkpoint_ms",
+                "must be between 1 and 1000 (a checkpoint at least once a second)",
+            );
+        }
+        if self.ledger.origin.trim().is_empty() || self.ledger.origin.contains('\n') {
+            return invalid("ledger.origin", "must be one non-empty line");
+        }
+        for (kind, price) in &self.pricing {
+            if crate::kinds::lookup(kind).is_none() {
+                return Err(ConfigError::Invalid {
+                    key: "pricing",
+                    why: format!(
+                        "unknown job kind {kind:?}; known kinds: {}",
+                        crate::kinds::names().join(", ")
+                    ),
+                });
+            }
+            if *price < 0 {
+                return Err(ConfigError::Invalid {
+                    key: "pricing",
+                    why: format!("price of {kind:?} is negative"),
+                });
+            }
+        }
         let url = self.database_url();
         if !(url.starts_with("postgres://")
             || url.starts_with("postgresql://")
@@ -256,6 +350,11 @@ impl Config {
         }
     }
 
+    /// The credits a job of `kind` costs.
+    pub fn price(&self, kind: &str) -> i64 {
+        self.pricing.get(kind).copied().unwrap_or(0)
+    }
+
     pub fn lease(&self) -> Duration {
         Duration::from_secs(self.worker.lease_secs)
     }
@@ -266,6 +365,9 @@ impl Config {
         shown.database_url = Some(Secret::new(redact_url(&self.database_url())));
         if shown.admin_key.is_some() {
             shown.admin_key = Some(Secret::new("<redacted>"));
+        }
+        if shown.ledger.signing_key.is_some() {
+            shown.ledger.signing_key = Some(Secret::new("<redacted>"));
         }
         toml::to_string_pretty(&shown).unwrap_or_default()
     }

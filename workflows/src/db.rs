@@ -205,12 +205,38 @@ impl Db {
         }
     }
 
+    /// Begins a read-only transaction that sees one snapshot of the database throughout
+    /// (REPEATABLE READ on Postgres; on SQLite, a deferred transaction in WAL mode).
+    pub async fn begin_read(&self) -> Result<Tx, DbError> {
+        let db = self.clone();
+        let started = tokio::spawn(async move {
+            Ok::<_, sqlx::Error>(match db {
+                Db::Postgres(pool) => Tx::Postgres(
+                    pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                        .await?,
+                ),
+                Db::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN DEFERRED").await?),
+            })
+        });
+        match started.await {
+            Ok(tx) => Ok(tx?),
+            Err(e) => Err(DbError::Batch(format!("transaction start failed: {e}"))),
+        }
+    }
+
     pub async fn close(&self) {
         with_pool!(self, pool => pool.close().await)
     }
 }
 
 impl Tx {
+    pub fn backend(&self) -> Backend {
+        match self {
+            Tx::Postgres(_) => Backend::Postgres,
+            Tx::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
     pub async fn commit(self) -> Result<(), DbError> {
         match self {
             Tx::Postgres(tx) => tx.commit().await?,

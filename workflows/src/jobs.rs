@@ -14,7 +14,9 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
-    Db, DbError, now_ms,
+    Db, DbError,
+    ledger::{self, LedgerError, Op},
+    now_ms,
     queue::{self, Enqueue},
     rfc3339,
     users::{Role, User},
@@ -84,11 +86,13 @@ pub struct Job {
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
     pub updated_at: i64,
+    /// The ledger reservation holding this job's credits, when it costs any.
+    pub reservation_id: Option<String>,
 }
 
 const COLUMNS: &str = "id, user_id, kind, queue, input, priority, status, attempts, max_attempts, \
     progress, result, error, worker, cancel_requested, idempotency_key, request_hash, run_at, \
-    created_at, started_at, finished_at, updated_at";
+    created_at, started_at, finished_at, updated_at, reservation_id";
 
 fn parse_json(text: &Option<String>) -> Value {
     text.as_deref()
@@ -140,6 +144,8 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     /// SHA-256 of the request, to tell a replay from a different request under the same key.
     pub request_hash: String,
+    /// Credits reserved at submission and settled on success (0: free).
+    pub price: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,8 +156,25 @@ pub enum JobError {
     IdempotencyConflict(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("insufficient credits: the job costs {needed} and {available} are available")]
+    InsufficientCredits { needed: i64, available: i64 },
     #[error(transparent)]
     Db(#[from] DbError),
+}
+
+impl From<LedgerError> for JobError {
+    fn from(e: LedgerError) -> Self {
+        match e {
+            LedgerError::InsufficientCredits {
+                balance, needed, ..
+            } => JobError::InsufficientCredits {
+                needed,
+                available: balance,
+            },
+            LedgerError::Db(e) => JobError::Db(e),
+            other => JobError::Conflict(other.to_string()),
+        }
+    }
 }
 
 impl From<sqlx::Error> for JobError {
@@ -171,38 +194,42 @@ pub async fn submit_many(
     let now = now_ms();
     let mut tx = db.begin().await?;
     let mut out = Vec::with_capacity(jobs.len());
-    let mut pushes = Vec::with_capacity(jobs.len());
+    let mut fresh: Vec<(usize, &'static str)> = Vec::new();
     for chunk in jobs.chunks(500) {
         let rows: Vec<Job> = chunk
             .iter()
-            .map(|new| Job {
-                id: uuid::Uuid::now_v7().to_string(),
-                user_id: new.user_id.clone(),
-                kind: new.kind.clone(),
-                queue: new.queue.to_owned(),
-                input: new.input.to_string(),
-                priority: new.priority,
-                status: Status::Queued.as_str().to_owned(),
-                attempts: 0,
-                max_attempts: new.max_attempts as i32,
-                progress: None,
-                result: None,
-                error: None,
-                worker: None,
-                cancel_requested: false,
-                idempotency_key: new.idempotency_key.clone(),
-                request_hash: Some(new.request_hash.clone()),
-                run_at: new.run_at_ms.unwrap_or(now),
-                created_at: now,
-                started_at: None,
-                finished_at: None,
-                updated_at: now,
+            .map(|new| {
+                let id = uuid::Uuid::now_v7().to_string();
+                Job {
+                    reservation_id: (new.price > 0).then(|| format!("job:{id}")),
+                    id,
+                    user_id: new.user_id.clone(),
+                    kind: new.kind.clone(),
+                    queue: new.queue.to_owned(),
+                    input: new.input.to_string(),
+                    priority: new.priority,
+                    status: Status::Queued.as_str().to_owned(),
+                    attempts: 0,
+                    max_attempts: new.max_attempts as i32,
+                    progress: None,
+                    result: None,
+                    error: None,
+                    worker: None,
+                    cancel_requested: false,
+                    idempotency_key: new.idempotency_key.clone(),
+                    request_hash: Some(new.request_hash.clone()),
+                    run_at: new.run_at_ms.unwrap_or(now),
+                    created_at: now,
+                    started_at: None,
+                    finished_at: None,
+                    updated_at: now,
+                }
             })
             .collect();
         let inserted: Vec<String> = with_tx!(&mut tx, conn => {
             let mut qb = sqlx::QueryBuilder::new(
                 "INSERT INTO tally_jobs (id, user_id, kind, queue, input, priority, status, attempts, \
-                 max_attempts, idempotency_key, request_hash, run_at, created_at, updated_at) ",
+                 max_attempts, idempotency_key, request_hash, run_at, created_at, updated_at, reservation_id) ",
             );
             qb.push_values(&rows, |mut b, j| {
                 b.push_bind(&j.id)
@@ -218,19 +245,15 @@ pub async fn submit_many(
                     .push_bind(&j.request_hash)
                     .push_bind(j.run_at)
                     .push_bind(j.created_at)
-                    .push_bind(j.updated_at);
+                    .push_bind(j.updated_at)
+                    .push_bind(&j.reservation_id);
             });
             qb.push(" ON CONFLICT DO NOTHING RETURNING id");
             qb.build_query_scalar().fetch_all(&mut *conn).await?
         });
         for (row, new) in rows.into_iter().zip(chunk) {
             if inserted.contains(&row.id) {
-                pushes.push(Enqueue {
-                    job_id: row.id.clone(),
-                    queue: new.queue,
-                    priority: row.priority,
-                    run_at_ms: row.run_at,
-                });
+                fresh.push((out.len(), new.queue));
                 out.push(Ok((row, true)));
                 continue;
             }
@@ -254,6 +277,57 @@ pub async fn submit_many(
             }
         }
     }
+    // Each new job that costs credits holds them now; one its owner cannot cover is not kept.
+    let mut holds = Vec::new();
+    let mut ops = Vec::new();
+    for (i, _) in &fresh {
+        if let Ok((job, _)) = &out[*i]
+            && let Some(rid) = &job.reservation_id
+        {
+            let price = jobs[*i].price;
+            holds.push(*i);
+            ops.push(Op::Reserve {
+                id: rid.clone(),
+                user_id: job.user_id.clone(),
+                amount: price,
+                expires_at: None,
+                job_id: Some(job.id.clone()),
+            });
+        }
+    }
+    let answers = ledger::execute(&mut tx, &ops, now).await?;
+    let mut refused = Vec::new();
+    for (i, answer) in holds.into_iter().zip(answers) {
+        if let Err(e) = answer {
+            if let Ok((job, _)) = &out[i] {
+                refused.push(job.id.clone());
+            }
+            out[i] = Err(e.into());
+        }
+    }
+    if !refused.is_empty() {
+        with_tx!(&mut tx, conn => {
+            let mut qb = sqlx::QueryBuilder::new("DELETE FROM tally_jobs WHERE id IN (");
+            let mut list = qb.separated(", ");
+            for id in &refused {
+                list.push_bind(id);
+            }
+            qb.push(")");
+            qb.build().execute(&mut *conn).await?;
+        });
+    }
+    let pushes: Vec<Enqueue> = fresh
+        .iter()
+        .filter_map(|(i, queue)| match &out[*i] {
+            Ok((job, true)) => Some(Enqueue {
+                job_id: job.id.clone(),
+                queue,
+                priority: job.priority,
+                run_at_ms: job.run_at,
+            }),
+            _ => None,
+        })
+        .collect();
     queue::push(&mut tx, &pushes).await?;
     tx.commit().await?;
     Ok(out)
@@ -325,18 +399,26 @@ pub async fn cancel(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
          WHERE id = $1 AND (user_id = $2 OR $3) AND status IN ('queued', 'failed', 'running') \
          RETURNING {COLUMNS}"
     );
-    let job: Option<Job> = with_pool!(db, pool => {
+    let mut tx = db.begin().await?;
+    let job: Option<Job> = with_tx!(&mut tx, conn => {
         sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(id)
             .bind(&caller.id)
             .bind(caller.role == Role::Admin)
             .bind(now)
-            .fetch_optional(pool)
+            .fetch_optional(&mut *conn)
             .await?
     });
     match job {
-        Some(job) => Ok(job),
+        Some(job) => {
+            if job.status() == Status::Cancelled {
+                release_holds(&mut tx, std::slice::from_ref(&job.reservation_id), now).await?;
+            }
+            tx.commit().await?;
+            Ok(job)
+        }
         None => {
+            drop(tx);
             let job = get(db, id, caller).await?;
             Err(JobError::Conflict(format!(
                 "job is already {}; only queued, failed or running jobs can be cancelled",
@@ -344,6 +426,29 @@ pub async fn cancel(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
             )))
         }
     }
+}
+
+/// Returns the credits held for jobs that ended without success.
+async fn release_holds(
+    tx: &mut crate::db::Tx,
+    reservations: &[Option<String>],
+    now: i64,
+) -> Result<(), DbError> {
+    let ops: Vec<Op> = reservations
+        .iter()
+        .flatten()
+        .map(|id| Op::Release {
+            id: id.clone(),
+            expired: false,
+            owner: None,
+        })
+        .collect();
+    for answer in ledger::execute(tx, &ops, now).await? {
+        if let Err(e) = answer {
+            tracing::warn!(error = %e, "releasing a job's credits did nothing");
+        }
+    }
+    Ok(())
 }
 
 /// Requeues a dead job with a fresh set of attempts.
@@ -364,7 +469,7 @@ pub async fn retry(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
             .fetch_optional(&mut *conn)
             .await?
     });
-    let Some(job) = job else {
+    let Some(mut job) = job else {
         drop(tx);
         let job = get(db, id, caller).await?;
         return Err(JobError::Conflict(format!(
@@ -372,6 +477,32 @@ pub async fn retry(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
             job.status
         )));
     };
+    // The job's credits were released when it died: the new run holds them again.
+    if job.reservation_id.is_some() {
+        let sql =
+            "SELECT COUNT(*), COALESCE(MAX(amount), 0) FROM ledger_reservations WHERE job_id = $1";
+        let (runs, price): (i64, i64) = with_tx!(&mut tx, conn => {
+            sqlx::query_as(sql).bind(&job.id).fetch_one(&mut *conn).await?
+        });
+        let rid = format!("job:{}:run-{}", job.id, runs + 1);
+        let op = Op::Reserve {
+            id: rid.clone(),
+            user_id: job.user_id.clone(),
+            amount: price,
+            expires_at: None,
+            job_id: Some(job.id.clone()),
+        };
+        if price > 0 {
+            if let Some(Err(e)) = ledger::execute(&mut tx, &[op], now).await?.pop() {
+                return Err(e.into());
+            }
+            with_tx!(&mut tx, conn => {
+                sqlx::query("UPDATE tally_jobs SET reservation_id = $2 WHERE id = $1")
+                    .bind(&job.id).bind(&rid).execute(&mut *conn).await?;
+            });
+            job.reservation_id = Some(rid);
+        }
+    }
     queue::push(
         &mut tx,
         &[enqueue_of(&job.id, &job.kind, job.priority, now)?],
@@ -439,8 +570,10 @@ pub async fn claim_many(
         .map(|(id, _)| id)
         .collect();
     if !refused.is_empty() {
-        // A cancel that arrived while a job was between attempts or being rescued ends it here.
-        with_pool!(db, pool => {
+        // A cancel that arrived while a job was between attempts or being rescued ends it here,
+        // and its credits go back.
+        let mut tx = db.begin().await?;
+        let ended: Vec<Option<String>> = with_tx!(&mut tx, conn => {
             let mut qb = sqlx::QueryBuilder::new("UPDATE tally_jobs SET status = 'cancelled', finished_at = ");
             qb.push_bind(now).push(", updated_at = ").push_bind(now).push(
                 " WHERE cancel_requested AND status IN ('queued', 'failed', 'running') AND id IN (",
@@ -449,9 +582,11 @@ pub async fn claim_many(
             for id in &refused {
                 list.push_bind(*id);
             }
-            qb.push(")");
-            qb.build().execute(pool).await?.rows_affected()
+            qb.push(") RETURNING reservation_id");
+            qb.build_query_scalar().fetch_all(&mut *conn).await?
         });
+        release_holds(&mut tx, &ended, now).await?;
+        tx.commit().await?;
     }
     Ok(answers)
 }
@@ -553,11 +688,12 @@ pub async fn finish_many(
     worker: &str,
     holders: &[String],
     items: &[Completion],
+    settle_pause: std::time::Duration,
 ) -> Result<Vec<Option<Status>>, DbError> {
     let now = now_ms();
     let finishes: Vec<&Finish> = items.iter().filter_map(|c| c.finish.as_ref()).collect();
     let mut tx = db.begin().await?;
-    let updated: Vec<(String, String, i32, i64, String)> = if finishes.is_empty() {
+    let updated: Vec<(String, String, i32, i64, String, Option<String>)> = if finishes.is_empty() {
         Vec::new()
     } else {
         with_tx!(&mut tx, conn => {
@@ -583,21 +719,51 @@ pub async fn finish_many(
             qb.push_bind(now)
                 .push(" FROM v WHERE tally_jobs.id = v.vid AND tally_jobs.status = 'running' AND tally_jobs.worker = ")
                 .push_bind(worker)
-                .push(" RETURNING id, kind, priority, run_at, status");
+                .push(" RETURNING id, kind, priority, run_at, status, reservation_id");
             qb.build_query_as().fetch_all(&mut *conn).await?
         })
     };
     let mut pushes = Vec::new();
     let mut applied = std::collections::HashMap::new();
-    for (id, kind, priority, run_at, status) in updated {
+    let mut money = Vec::new();
+    for (id, kind, priority, run_at, status, reservation) in updated {
         let status = Status::parse(&status)
             .ok_or_else(|| DbError::Corrupt(format!("job {id} has status {status:?}")))?;
         if status == Status::Failed {
             pushes.push(enqueue_of(&id, &kind, priority, run_at)?);
         }
+        // The job's credits move in the same transaction as its final state: the settlement's
+        // ids derive from the job, so a second delivery or a rerun after a crash moves nothing.
+        if let Some(rid) = reservation {
+            match status {
+                Status::Succeeded => money.push(Op::Settle {
+                    id: rid,
+                    amount: None,
+                    owner: None,
+                }),
+                Status::Dead | Status::Cancelled => money.push(Op::Release {
+                    id: rid,
+                    expired: false,
+                    owner: None,
+                }),
+                _ => {}
+            }
+        }
         applied.insert(id, status);
     }
+    for answer in ledger::execute(&mut tx, &money, now).await? {
+        if let Err(e) = answer {
+            tracing::warn!(error = %e, "settling a job's credits did nothing");
+        }
+    }
     queue::push(&mut tx, &pushes).await?;
+    if !money.is_empty() && !settle_pause.is_zero() {
+        tracing::warn!(
+            jobs = money.len(),
+            "settlement written, pausing {settle_pause:?} before commit (worker.settle_pause_ms)"
+        );
+        tokio::time::sleep(settle_pause).await;
+    }
     // A task is done when its attempt's outcome was stored (or it ran no attempt).
     let task_ids: Vec<String> = items
         .iter()

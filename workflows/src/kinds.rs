@@ -29,6 +29,11 @@ pub const KINDS: &[KindSpec] = &[
 /// The longest a `sleep` job may ask for.
 pub const MAX_SLEEP_MS: u64 = 3_600_000;
 
+/// Every kind's name.
+pub fn names() -> Vec<&'static str> {
+    KINDS.iter().map(|k| k.name).collect()
+}
+
 pub fn lookup(kind: &str) -> Option<&'static KindSpec> {
     KINDS.iter().find(|k| k.name == kind)
 }
@@ -61,7 +66,7 @@ pub fn validate_input(kind: &str, input: &Value) -> Result<(), String> {
         }
         other => Err(format!(
             "unknown job kind {other:?}; known kinds: {}",
-            KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+            names().join(", ")
         )),
     }
 }

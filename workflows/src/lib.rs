@@ -8,6 +8,7 @@
 //! - [`jobs`]: job records and their states; submission commits the record and its queue task in
 //!   one transaction.
 //! - [`kinds`]: the job kinds the platform knows, their queues and input validation.
+//! - [`ledger`]: the signed credit ledger: accounts, transfers, reservations, the Merkle log.
 //! - [`queue`]: the apalis task that carries a job id, pushed inside Tally's transactions.
 //! - [`retry`]: the backoff rule that decides when a failed attempt runs again.
 //! - [`users`]: users, roles and hashed API keys.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod db;
 pub mod jobs;
 pub mod kinds;
+pub mod ledger;
 pub mod queue;
 pub mod retry;
 pub mod users;

@@ -185,3 +185,11 @@ pub async fn ensure_admin_key(db: &Db, key: &str) -> Result<bool, UserError> {
         }
     }
 }
+
+/// True when a user with this id exists.
+pub async fn exists(db: &Db, id: &str) -> Result<bool, DbError> {
+    let n: i64 = crate::with_pool!(db, pool => {
+        sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE id = $1").bind(id).fetch_one(pool).await?
+    });
+    Ok(n > 0)
+}
