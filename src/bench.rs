@@ -1,5 +1,6 @@
 //! `tally bench`: for each backend, enqueue N `echo` jobs (batched, one transaction per batch),
 //! drain them with K `tally work` processes, then measure job submission through the HTTP API.
+//! `tally bench --ledger` measures the ledger instead (see `bench_ledger`).
 //! Figures are printed; nothing is asserted.
 
 use std::{
@@ -50,15 +51,45 @@ pub struct BenchArgs {
     /// Concurrent HTTP connections submitting jobs.
     #[arg(long, default_value_t = 32)]
     pub http_connections: usize,
+    /// Measure the ledger (signed transfers/s, entries verified/s) instead of jobs.
+    #[arg(long)]
+    pub ledger: bool,
+    /// With --ledger: transfers per scenario.
+    #[arg(long, default_value_t = 20_000)]
+    pub transfers: usize,
+    /// With --ledger: concurrent writers.
+    #[arg(long, default_value_t = 64)]
+    pub writers: usize,
+    /// With --ledger: group-commit shards (transactions in flight at once) on Postgres.
+    #[arg(long, default_value_t = 4)]
+    pub shards: usize,
 }
 
-struct Fresh {
-    url: String,
+pub(crate) struct Fresh {
+    pub url: String,
     /// Postgres database to drop afterwards.
     drop: Option<String>,
 }
 
-async fn fresh_database(backend: &str, args: &BenchArgs) -> Result<Fresh, CliError> {
+impl Fresh {
+    /// Drops the benchmark's Postgres database (SQLite files stay in the temp folder).
+    pub async fn drop_database(&self, args: &BenchArgs) {
+        if let Some(name) = &self.drop
+            && let Ok(admin) = Db::connect(&args.postgres_url, 1).await
+        {
+            if let Db::Postgres(pool) = &admin {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(pool)
+                .await;
+            }
+            admin.close().await;
+        }
+    }
+}
+
+pub(crate) async fn fresh_database(backend: &str, args: &BenchArgs) -> Result<Fresh, CliError> {
     let stamp = uuid::Uuid::now_v7().simple().to_string();
     match backend {
         "sqlite" => {
@@ -96,6 +127,9 @@ async fn fresh_database(backend: &str, args: &BenchArgs) -> Result<Fresh, CliErr
 }
 
 pub async fn run(cfg: Config, args: BenchArgs) -> Result<(), CliError> {
+    if args.ledger {
+        return crate::bench_ledger::run(cfg, args).await;
+    }
     if args.jobs == 0 || args.workers == 0 {
         return Err(CliError::usage("--jobs and --workers must be at least 1"));
     }
@@ -115,18 +149,7 @@ pub async fn run(cfg: Config, args: BenchArgs) -> Result<(), CliError> {
     for backend in &args.backends {
         let fresh = fresh_database(backend, &args).await?;
         let result = bench_backend(&cfg, &args, &fresh.url).await;
-        if let Some(name) = fresh.drop
-            && let Ok(admin) = Db::connect(&args.postgres_url, 1).await
-        {
-            if let Db::Postgres(pool) = &admin {
-                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(pool)
-                .await;
-            }
-            admin.close().await;
-        }
+        fresh.drop_database(&args).await;
         let r = result?;
         println!(
             "{:<9} {:>14.0} {:>14.0} {:>14.0} {:>12.2} {:>12.2}",

@@ -24,7 +24,7 @@ use tally_workflows::{
     batch::Batcher,
     config::Config,
     jobs::{Job, JobError, NewJob},
-    ledger::{Done, LedgerError, Op, log::Keys},
+    ledger::log::Keys,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -40,7 +40,7 @@ pub struct AppState {
     /// Submissions from all concurrent requests, group-committed.
     pub submissions: Batcher<NewJob, Result<(Job, bool), JobError>>,
     /// Ledger operations from all concurrent requests, group-committed.
-    pub ledger: Batcher<Op, Result<Done, LedgerError>>,
+    pub ledger: tally_workflows::ledger::Writer,
     /// The ledger's signing key (if this process signs) and trusted public keys.
     pub ledger_keys: Arc<Keys>,
     /// Valid API keys seen lately.
@@ -50,8 +50,10 @@ pub struct AppState {
     pub stopping: CancellationToken,
 }
 
-/// Most submissions written in one transaction.
+/// Most submissions (or ledger operations) written in one transaction.
 const MAX_SUBMIT_BATCH: usize = 256;
+/// Ledger transactions in flight at once on Postgres.
+const LEDGER_SHARDS: usize = 4;
 
 impl AppState {
     /// Must be called inside a Tokio runtime: it starts the batchers.
@@ -63,13 +65,7 @@ impl AppState {
                 async move { tally_workflows::jobs::submit_many(&db, jobs).await }
             })
         };
-        let ledger = {
-            let db = db.clone();
-            Batcher::spawn(MAX_SUBMIT_BATCH, move |ops: Vec<Op>| {
-                let db = db.clone();
-                async move { tally_workflows::ledger::run(&db, ops).await }
-            })
-        };
+        let ledger = tally_workflows::ledger::Writer::spawn(&db, LEDGER_SHARDS, MAX_SUBMIT_BATCH);
         AppState {
             db,
             cfg: Arc::new(cfg),

@@ -751,11 +751,16 @@ async fn tampering_is_detected(backend: Backend) {
     tally_workflows::ledger::log::integrate(&app.db, &new_key, &origin, 10)
         .await
         .expect("integrate");
-    let out = tally()
-        .args(["ledger", "verify"])
-        .env("DATABASE_URL", &app.url)
-        .env("TALLY_LEDGER__SIGNING_KEY", new_key.encode())
-        .env("TALLY_LEDGER__VERIFIER_KEYS", app.keys.trusted[0].encode())
+    // The new key signs; the old one is kept as a verifier.
+    let rotated = |args: &[&str]| {
+        let mut cmd = tally();
+        cmd.args(args)
+            .env("DATABASE_URL", &app.url)
+            .env("TALLY_LEDGER__SIGNING_KEY", new_key.encode())
+            .env("TALLY_LEDGER__VERIFIER_KEYS", app.keys.trusted[0].encode());
+        cmd
+    };
+    let out = rotated(&["ledger", "verify"])
         .output()
         .await
         .expect("verify");
@@ -772,12 +777,8 @@ async fn tampering_is_detected(backend: Backend) {
 
     // Export, verify offline, tamper with the export.
     let dir = scratch_dir().join("export");
-    let out = tally()
-        .args(["ledger", "export", "--out"])
+    let out = rotated(&["ledger", "export", "--out"])
         .arg(&dir)
-        .env("DATABASE_URL", &app.url)
-        .env("TALLY_LEDGER__SIGNING_KEY", new_key.encode())
-        .env("TALLY_LEDGER__VERIFIER_KEYS", app.keys.trusted[0].encode())
         .output()
         .await
         .expect("export");

@@ -545,21 +545,42 @@ pub async fn claim_many(
     ids: &[String],
 ) -> Result<Vec<Option<Claimed>>, DbError> {
     let now = now_ms();
-    let claimed: Vec<Claimed> = with_pool!(db, pool => {
-        let mut qb = sqlx::QueryBuilder::new("UPDATE tally_jobs SET status = 'running', attempts = attempts + 1, worker = ");
-        qb.push_bind(worker)
-            .push(", started_at = COALESCE(started_at, ")
-            .push_bind(now)
-            .push("), updated_at = ")
-            .push_bind(now)
-            .push(" WHERE status IN ('queued', 'failed', 'running') AND NOT cancel_requested AND id IN (");
-        let mut list = qb.separated(", ");
-        for id in ids {
-            list.push_bind(id);
+    const RETURNING: &str = " RETURNING id, kind, input, attempts, max_attempts";
+    let claimed: Vec<Claimed> = match db {
+        // One prepared statement whatever the batch size.
+        Db::Postgres(pool) => {
+            let sql = format!(
+                "UPDATE tally_jobs SET status = 'running', attempts = attempts + 1, worker = $1, \
+                 started_at = COALESCE(started_at, $2), updated_at = $2 \
+                 WHERE status IN ('queued', 'failed', 'running') AND NOT cancel_requested \
+                 AND id = ANY($3){RETURNING}"
+            );
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(worker)
+                .bind(now)
+                .bind(ids)
+                .fetch_all(pool)
+                .await?
         }
-        qb.push(") RETURNING id, kind, input, attempts, max_attempts");
-        qb.build_query_as().fetch_all(pool).await?
-    });
+        Db::Sqlite(pool) => {
+            let mut qb = sqlx::QueryBuilder::new(
+                "UPDATE tally_jobs SET status = 'running', attempts = attempts + 1, worker = ",
+            );
+            qb.push_bind(worker)
+                .push(", started_at = COALESCE(started_at, ")
+                .push_bind(now)
+                .push("), updated_at = ")
+                .push_bind(now)
+                .push(" WHERE status IN ('queued', 'failed', 'running') AND NOT cancel_requested AND id");
+            qb.push(" IN (");
+            let mut list = qb.separated(", ");
+            for id in ids {
+                list.push_bind(id);
+            }
+            qb.push(")").push(RETURNING);
+            qb.build_query_as().fetch_all(pool).await?
+        }
+    };
     let mut by_id: std::collections::HashMap<String, Claimed> =
         claimed.into_iter().map(|c| (c.id.clone(), c)).collect();
     let answers: Vec<Option<Claimed>> = ids.iter().map(|id| by_id.remove(id)).collect();
@@ -693,35 +714,89 @@ pub async fn finish_many(
     let now = now_ms();
     let finishes: Vec<&Finish> = items.iter().filter_map(|c| c.finish.as_ref()).collect();
     let mut tx = db.begin().await?;
-    let updated: Vec<(String, String, i32, i64, String, Option<String>)> = if finishes.is_empty() {
-        Vec::new()
-    } else {
-        with_tx!(&mut tx, conn => {
-            let mut qb = sqlx::QueryBuilder::new("WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at) AS (");
+    // A failure of a job whose cancel was asked for ends it: no retry. `v` holds each outcome;
+    // `now` and `worker` are the statement's parameters (placeholders differ per dialect).
+    let set = |now: &str, worker: &str| {
+        format!(
+            "UPDATE tally_jobs SET \
+             status = CASE WHEN tally_jobs.cancel_requested AND v.vstatus = 'failed' THEN 'cancelled' ELSE v.vstatus END, \
+             finished_at = CASE WHEN tally_jobs.cancel_requested AND v.vstatus = 'failed' THEN {now} ELSE v.vfinished END, \
+             result = v.vresult, error = v.verror, run_at = COALESCE(v.vrun_at, tally_jobs.run_at), updated_at = {now} \
+             FROM v WHERE tally_jobs.id = v.vid AND tally_jobs.status = 'running' AND tally_jobs.worker = {worker} \
+             RETURNING id, kind, priority, run_at, status, reservation_id"
+        )
+    };
+    let finished = |f: &Finish| {
+        if f.status.is_terminal() {
+            Some(now)
+        } else {
+            None
+        }
+    };
+    let updated: Vec<(String, String, i32, i64, String, Option<String>)> = match &mut tx {
+        _ if finishes.is_empty() => Vec::new(),
+        // One prepared statement whatever the batch size: the outcomes travel as arrays.
+        crate::db::Tx::Postgres(tx) => {
+            let sql = format!(
+                "WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at) AS (SELECT * FROM \
+                 UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[])) {}",
+                set("$1", "$2")
+            );
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(now)
+                .bind(worker)
+                .bind(finishes.iter().map(|f| f.id.as_str()).collect::<Vec<_>>())
+                .bind(
+                    finishes
+                        .iter()
+                        .map(|f| f.status.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    finishes
+                        .iter()
+                        .map(|f| f.result.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    finishes
+                        .iter()
+                        .map(|f| f.error.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(finishes.iter().map(|f| finished(f)).collect::<Vec<_>>())
+                .bind(finishes.iter().map(|f| f.retry_at).collect::<Vec<_>>())
+                .fetch_all(&mut **tx)
+                .await?
+        }
+        crate::db::Tx::Sqlite(tx) => {
+            let mut qb = sqlx::QueryBuilder::new(
+                "WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at) AS (",
+            );
             qb.push_values(&finishes, |mut b, f| {
                 b.push_bind(&f.id)
                     .push_bind(f.status.as_str())
                     .push_bind(&f.result)
                     .push_bind(&f.error)
-                    .push_bind(if f.status.is_terminal() { Some(now) } else { None })
+                    .push_bind(finished(f))
                     .push_bind(f.retry_at);
             });
-            qb.push(
-                // A failure of a job whose cancel was asked for ends it: no retry.
-                ") UPDATE tally_jobs SET \
-                 status = CASE WHEN tally_jobs.cancel_requested AND v.vstatus = 'failed' THEN 'cancelled' ELSE v.vstatus END, \
-                 finished_at = CASE WHEN tally_jobs.cancel_requested AND v.vstatus = 'failed' THEN ",
-            );
-            qb.push_bind(now).push(
-                " ELSE v.vfinished END, result = v.vresult, error = v.verror, \
-                 run_at = COALESCE(v.vrun_at, tally_jobs.run_at), updated_at = ",
-            );
-            qb.push_bind(now)
-                .push(" FROM v WHERE tally_jobs.id = v.vid AND tally_jobs.status = 'running' AND tally_jobs.worker = ")
-                .push_bind(worker)
-                .push(" RETURNING id, kind, priority, run_at, status, reservation_id");
-            qb.build_query_as().fetch_all(&mut *conn).await?
-        })
+            qb.push(") ");
+            // Each marker in the clause becomes a bound parameter.
+            let clause = set("\u{1}", "\u{2}");
+            let mut rest = clause.as_str();
+            while let Some(pos) = rest.find(['\u{1}', '\u{2}']) {
+                qb.push(&rest[..pos]);
+                if rest[pos..].starts_with('\u{2}') {
+                    qb.push_bind(worker);
+                } else {
+                    qb.push_bind(now);
+                }
+                rest = &rest[pos + 1..];
+            }
+            qb.push(rest);
+            qb.build_query_as().fetch_all(&mut **tx).await?
+        }
     };
     let mut pushes = Vec::new();
     let mut applied = std::collections::HashMap::new();

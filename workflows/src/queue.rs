@@ -5,29 +5,7 @@
 use apalis::prelude::TaskBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    DbError,
-    db::{Backend, Tx},
-    with_tx,
-};
-
-/// Which dialect a connection speaks (for the few statements on apalis' own tables).
-trait ConnBackend {
-    fn backend(&self) -> Backend;
-}
-impl ConnBackend for sqlx::PgConnection {
-    fn backend(&self) -> Backend {
-        Backend::Postgres
-    }
-}
-impl ConnBackend for sqlx::SqliteConnection {
-    fn backend(&self) -> Backend {
-        Backend::Sqlite
-    }
-}
-fn conn_backend(c: &impl ConnBackend) -> Backend {
-    c.backend()
-}
+use crate::{DbError, db::Tx};
 
 /// The payload of every queue task.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,23 +80,35 @@ pub async fn complete(tx: &mut Tx, task_ids: &[String], holders: &[String]) -> R
     if task_ids.is_empty() || holders.is_empty() {
         return Ok(());
     }
-    with_tx!(tx, conn => {
-        let mut qb = sqlx::QueryBuilder::new(match conn_backend(&*conn) {
-            Backend::Postgres => "UPDATE apalis.jobs SET status = 'Done', done_at = NOW() WHERE id IN (",
-            Backend::Sqlite => "UPDATE Jobs SET status = 'Done', done_at = strftime('%s', 'now') WHERE id IN (",
-        });
-        let mut list = qb.separated(", ");
-        for id in task_ids {
-            list.push_bind(id);
+    match tx {
+        // One prepared statement whatever the batch size: arrays, not a list of parameters.
+        Tx::Postgres(tx) => {
+            sqlx::query(
+                "UPDATE apalis.jobs SET status = 'Done', done_at = NOW() \
+                 WHERE id = ANY($1) AND lock_by = ANY($2)",
+            )
+            .bind(task_ids)
+            .bind(holders)
+            .execute(&mut **tx)
+            .await?;
         }
-        qb.push(") AND lock_by IN (");
-        let mut list = qb.separated(", ");
-        for holder in holders {
-            list.push_bind(holder);
+        Tx::Sqlite(tx) => {
+            let mut qb = sqlx::QueryBuilder::new(
+                "UPDATE Jobs SET status = 'Done', done_at = strftime('%s', 'now') WHERE id IN (",
+            );
+            let mut list = qb.separated(", ");
+            for id in task_ids {
+                list.push_bind(id);
+            }
+            qb.push(") AND lock_by IN (");
+            let mut list = qb.separated(", ");
+            for holder in holders {
+                list.push_bind(holder);
+            }
+            qb.push(")");
+            qb.build().execute(&mut **tx).await?;
         }
-        qb.push(")");
-        qb.build().execute(&mut *conn).await?.rows_affected()
-    });
+    }
     Ok(())
 }
 

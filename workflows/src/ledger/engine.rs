@@ -10,11 +10,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tally_ledger::accounts;
 
-use super::{
-    LedgerError, Op, RESERVATION_COLUMNS, ResState, Reservation, TRANSFER_COLUMNS, Transfer,
-    TransferSpec,
-};
-use crate::{DbError, db::Backend, db::Tx, with_tx};
+use super::{LedgerError, Op, ResState, Reservation, Transfer, TransferSpec, sql};
+use crate::{DbError, db::Tx};
 
 /// What an operation did.
 #[derive(Debug, Clone)]
@@ -30,9 +27,6 @@ pub enum Done {
     },
 }
 
-/// Rows per multi-row statement (SQLite allows 32,766 bound values).
-const CHUNK: usize = 1000;
-
 /// Applies `ops` in order inside `tx`. Each gets its own answer; an `Err` of the outer result
 /// means the database failed and the transaction must be dropped.
 pub async fn execute(
@@ -43,8 +37,6 @@ pub async fn execute(
     if ops.is_empty() {
         return Ok(Vec::new());
     }
-    let postgres = tx.backend() == Backend::Postgres;
-
     // 1. The reservations the batch names, locked.
     let mut res_ids: Vec<&str> = ops
         .iter()
@@ -56,24 +48,11 @@ pub async fn execute(
         .collect();
     res_ids.sort_unstable();
     res_ids.dedup();
-    let mut reservations: HashMap<String, Reservation> = HashMap::new();
-    for chunk in res_ids.chunks(CHUNK) {
-        let rows: Vec<Reservation> = with_tx!(tx, conn => {
-            let mut qb = sqlx::QueryBuilder::new(format!(
-                "SELECT {RESERVATION_COLUMNS} FROM ledger_reservations WHERE id IN ("
-            ));
-            let mut list = qb.separated(", ");
-            for id in chunk {
-                list.push_bind(*id);
-            }
-            qb.push(") ORDER BY id");
-            if postgres {
-                qb.push(" FOR UPDATE");
-            }
-            qb.build_query_as().fetch_all(&mut *conn).await?
-        });
-        reservations.extend(rows.into_iter().map(|r| (r.id.clone(), r)));
-    }
+    let reservations: HashMap<String, Reservation> = sql::reservations_for_update(tx, &res_ids)
+        .await?
+        .into_iter()
+        .map(|r| (r.id.clone(), r))
+        .collect();
 
     // 2. Every account the batch may touch: created if new, then locked in id order.
     let mut touched: BTreeSet<String> = BTreeSet::new();
@@ -105,37 +84,10 @@ pub async fn execute(
         }
     }
     let touched: Vec<String> = touched.into_iter().collect();
-    let mut balances: HashMap<String, i64> = HashMap::with_capacity(touched.len());
-    for chunk in touched.chunks(CHUNK) {
-        with_tx!(tx, conn => {
-            let mut qb = sqlx::QueryBuilder::new(
-                "INSERT INTO ledger_accounts (id, balance, no_overdraft, updated_at) ",
-            );
-            qb.push_values(chunk, |mut b, id| {
-                b.push_bind(id)
-                    .push_bind(0i64)
-                    .push_bind(accounts::no_overdraft(id))
-                    .push_bind(now);
-            });
-            qb.push(" ON CONFLICT (id) DO NOTHING");
-            qb.build().execute(&mut *conn).await?;
-        });
-    }
-    for chunk in touched.chunks(CHUNK) {
-        let rows: Vec<(String, i64)> = with_tx!(tx, conn => {
-            let mut qb = sqlx::QueryBuilder::new("SELECT id, balance FROM ledger_accounts WHERE id IN (");
-            let mut list = qb.separated(", ");
-            for id in chunk {
-                list.push_bind(id);
-            }
-            qb.push(") ORDER BY id");
-            if postgres {
-                qb.push(" FOR UPDATE");
-            }
-            qb.build_query_as().fetch_all(&mut *conn).await?
-        });
-        balances.extend(rows);
-    }
+    let balances: HashMap<String, i64> = sql::lock_accounts(tx, &touched, now)
+        .await?
+        .into_iter()
+        .collect();
 
     // 3. Plain transfers that already exist (idempotent replays).
     let mut transfer_ids: Vec<&str> = ops
@@ -147,21 +99,11 @@ pub async fn execute(
         .collect();
     transfer_ids.sort_unstable();
     transfer_ids.dedup();
-    let mut existing: HashMap<String, Transfer> = HashMap::new();
-    for chunk in transfer_ids.chunks(CHUNK) {
-        let rows: Vec<Transfer> = with_tx!(tx, conn => {
-            let mut qb = sqlx::QueryBuilder::new(format!(
-                "SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE id IN ("
-            ));
-            let mut list = qb.separated(", ");
-            for id in chunk {
-                list.push_bind(*id);
-            }
-            qb.push(")");
-            qb.build_query_as().fetch_all(&mut *conn).await?
-        });
-        existing.extend(rows.into_iter().map(|t| (t.id.clone(), t)));
-    }
+    let existing: HashMap<String, Transfer> = sql::transfers_by_id(tx, &transfer_ids)
+        .await?
+        .into_iter()
+        .map(|t| (t.id.clone(), t))
+        .collect();
 
     // 4. Run the operations in order, in memory.
     let mut state = Batch {
@@ -438,74 +380,18 @@ impl Batch {
     }
 
     async fn write(self, tx: &mut Tx) -> Result<(), DbError> {
-        let now = self.now;
-        for chunk in self.new_transfers.chunks(CHUNK) {
-            with_tx!(tx, conn => {
-                let mut qb = sqlx::QueryBuilder::new(
-                    "INSERT INTO ledger_transfers (id, debit, credit, amount, kind, user_id, \
-                     reservation_id, job_id, memo, created_at) ",
-                );
-                qb.push_values(chunk, |mut b, t| {
-                    b.push_bind(&t.id)
-                        .push_bind(&t.debit)
-                        .push_bind(&t.credit)
-                        .push_bind(t.amount)
-                        .push_bind(&t.kind)
-                        .push_bind(&t.user_id)
-                        .push_bind(&t.reservation_id)
-                        .push_bind(&t.job_id)
-                        .push_bind(&t.memo)
-                        .push_bind(t.created_at);
-                });
-                qb.build().execute(&mut *conn).await?;
-            });
-        }
+        sql::insert_transfers(tx, &self.new_transfers).await?;
         let changed: Vec<&Reservation> = self
             .changed_reservations
             .iter()
             .filter_map(|id| self.reservations.get(id))
             .collect();
-        for chunk in changed.chunks(CHUNK) {
-            with_tx!(tx, conn => {
-                let mut qb = sqlx::QueryBuilder::new(
-                    "INSERT INTO ledger_reservations (id, user_id, amount, settled, state, job_id, \
-                     expires_at, created_at, closed_at) ",
-                );
-                qb.push_values(chunk, |mut b, r| {
-                    b.push_bind(&r.id)
-                        .push_bind(&r.user_id)
-                        .push_bind(r.amount)
-                        .push_bind(r.settled)
-                        .push_bind(&r.state)
-                        .push_bind(&r.job_id)
-                        .push_bind(r.expires_at)
-                        .push_bind(r.created_at)
-                        .push_bind(r.closed_at);
-                });
-                qb.push(
-                    " ON CONFLICT (id) DO UPDATE SET settled = excluded.settled, \
-                     state = excluded.state, closed_at = excluded.closed_at",
-                );
-                qb.build().execute(&mut *conn).await?;
-            });
-        }
-        let accounts: Vec<(&String, i64)> = self
+        sql::upsert_reservations(tx, &changed).await?;
+        let balances: Vec<(&String, i64)> = self
             .changed_accounts
             .iter()
             .filter_map(|id| self.balances.get(id).map(|b| (id, *b)))
             .collect();
-        for chunk in accounts.chunks(CHUNK) {
-            with_tx!(tx, conn => {
-                let mut qb = sqlx::QueryBuilder::new("WITH v (vid, vbalance) AS (");
-                qb.push_values(chunk, |mut b, (id, balance)| {
-                    b.push_bind(*id).push_bind(*balance);
-                });
-                qb.push(") UPDATE ledger_accounts SET balance = v.vbalance, updated_at = ");
-                qb.push_bind(now);
-                qb.push(" FROM v WHERE ledger_accounts.id = v.vid");
-                qb.build().execute(&mut *conn).await?;
-            });
-        }
-        Ok(())
+        sql::set_balances(tx, &balances, self.now).await
     }
 }

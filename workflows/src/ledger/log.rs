@@ -176,25 +176,8 @@ pub async fn integrate(
         nodes.extend(frontier.append(merkle::leaf_hash(&buf)));
         seqs.push((&t.id, index as i64));
     }
-    for chunk in seqs.chunks(1000) {
-        with_tx!(&mut tx, conn => {
-            let mut qb = sqlx::QueryBuilder::new("WITH v (vid, vseq) AS (");
-            qb.push_values(chunk, |mut b, (id, seq)| {
-                b.push_bind(*id).push_bind(*seq);
-            });
-            qb.push(") UPDATE ledger_transfers SET seq = v.vseq FROM v WHERE ledger_transfers.id = v.vid");
-            qb.build().execute(&mut *conn).await?;
-        });
-    }
-    for chunk in nodes.chunks(1000) {
-        with_tx!(&mut tx, conn => {
-            let mut qb = sqlx::QueryBuilder::new("INSERT INTO ledger_nodes (level, idx, hash) ");
-            qb.push_values(chunk, |mut b, (id, hash)| {
-                b.push_bind(i32::from(id.level)).push_bind(id.index as i64).push_bind(hash.to_vec());
-            });
-            qb.build().execute(&mut *conn).await?;
-        });
-    }
+    super::sql::set_seqs(&mut tx, &seqs).await?;
+    super::sql::insert_nodes(&mut tx, &nodes).await?;
     let new_size = frontier.size();
     let root = frontier.root();
     let note = signer.sign(&Checkpoint {

@@ -12,12 +12,13 @@
 
 pub mod engine;
 pub mod log;
+mod sql;
 
 use serde::Serialize;
 use serde_json::{Value, json};
 use tally_ledger::{Entry, accounts};
 
-use crate::{Db, DbError, db::Tx, now_ms, rfc3339, with_pool, with_tx};
+use crate::{Db, DbError, batch::Batcher, db::Tx, now_ms, rfc3339, with_pool, with_tx};
 
 pub use engine::{Done, execute};
 
@@ -267,12 +268,69 @@ pub enum LedgerError {
     Db(#[from] DbError),
 }
 
-/// Applies `ops` in a transaction of their own.
+/// Applies `ops` in a transaction of their own. A transaction Postgres aborted to break a
+/// deadlock is run again (accounts are locked in one order, so this needs two batches that
+/// create the same new accounts at the same moment).
 pub async fn run(db: &Db, ops: Vec<Op>) -> Result<Vec<Result<Done, LedgerError>>, DbError> {
-    let mut tx = db.begin().await?;
-    let answers = execute(&mut tx, &ops, now_ms()).await?;
-    tx.commit().await?;
-    Ok(answers)
+    let mut tries = 0;
+    loop {
+        let attempt = async {
+            let mut tx = db.begin().await?;
+            let answers = execute(&mut tx, &ops, now_ms()).await?;
+            tx.commit().await?;
+            Ok::<_, DbError>(answers)
+        };
+        match attempt.await {
+            Err(DbError::Sqlx(sqlx::Error::Database(e)))
+                if tries < 3 && matches!(e.code().as_deref(), Some("40P01" | "40001")) =>
+            {
+                tries += 1;
+                tracing::debug!(error = %e, "ledger batch retried");
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Group commit for ledger operations from many concurrent callers, in shards: operations on
+/// different users go to different batchers, whose transactions run side by side (each locks
+/// only its own accounts), and the operations waiting for one shard share one transaction.
+#[derive(Clone)]
+pub struct Writer {
+    shards: Vec<Batcher<Op, Result<Done, LedgerError>>>,
+}
+
+impl Writer {
+    /// Must be called inside a Tokio runtime. SQLite has one writer, so it gets one shard.
+    pub fn spawn(db: &Db, shards: usize, max_batch: usize) -> Writer {
+        let n = match db.backend() {
+            crate::db::Backend::Sqlite => 1,
+            crate::db::Backend::Postgres => shards.max(1),
+        };
+        let shards = (0..n)
+            .map(|_| {
+                let db = db.clone();
+                Batcher::spawn(max_batch, move |ops: Vec<Op>| {
+                    let db = db.clone();
+                    async move { run(&db, ops).await }
+                })
+            })
+            .collect();
+        Writer { shards }
+    }
+
+    pub async fn call(&self, op: Op) -> Result<Result<Done, LedgerError>, DbError> {
+        use std::hash::{Hash, Hasher};
+        let key = match &op {
+            Op::Reserve { user_id, .. } => user_id.as_str(),
+            Op::Settle { id, .. } | Op::Release { id, .. } => id.as_str(),
+            Op::Transfer(t) => t.user_id.as_deref().unwrap_or(&t.id),
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        let shard = (h.finish() % self.shards.len() as u64) as usize;
+        self.shards[shard].call(op).await
+    }
 }
 
 /// Applies one operation in a transaction of its own.

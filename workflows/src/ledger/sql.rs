@@ -1,0 +1,348 @@
+//! The ledger's batch statements, per dialect. On Postgres each statement binds whole arrays
+//! (`= ANY($1)`, `UNNEST`), so its text never changes with the batch size and the prepared
+//! statement is reused; SQLite prepares statements cheaply and gets multi-row `VALUES` lists.
+
+use tally_ledger::{Hash, NodeId, accounts};
+
+use super::{RESERVATION_COLUMNS, Reservation, TRANSFER_COLUMNS, Transfer};
+use crate::{DbError, db::Tx};
+
+/// Rows per multi-row SQLite statement (SQLite allows 32,766 bound values).
+const CHUNK: usize = 1000;
+
+/// `head` (a `SELECT ... WHERE x IN (`) over `ids`, in chunks SQLite can bind.
+async fn sqlite_select_in<T>(
+    conn: &mut sqlx::SqliteConnection,
+    head: &str,
+    ids: &[&str],
+) -> Result<Vec<T>, DbError>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+{
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(CHUNK) {
+        let mut qb = sqlx::QueryBuilder::new(head);
+        let mut list = qb.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        qb.push(")");
+        out.extend(qb.build_query_as::<T>().fetch_all(&mut *conn).await?);
+    }
+    Ok(out)
+}
+
+/// The reservations with these ids, locked until the transaction ends.
+pub(super) async fn reservations_for_update(
+    tx: &mut Tx,
+    ids: &[&str],
+) -> Result<Vec<Reservation>, DbError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    match tx {
+        Tx::Postgres(tx) => {
+            let sql = format!(
+                "SELECT {RESERVATION_COLUMNS} FROM ledger_reservations WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+            );
+            Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(ids)
+                .fetch_all(&mut **tx)
+                .await?)
+        }
+        Tx::Sqlite(tx) => {
+            let head =
+                format!("SELECT {RESERVATION_COLUMNS} FROM ledger_reservations WHERE id IN (");
+            sqlite_select_in(tx, &head, ids).await
+        }
+    }
+}
+
+/// Creates the accounts that do not exist yet, then locks all of them in id order (`ids` is
+/// sorted) and returns their balances.
+pub(super) async fn lock_accounts(
+    tx: &mut Tx,
+    ids: &[String],
+    now: i64,
+) -> Result<Vec<(String, i64)>, DbError> {
+    match tx {
+        Tx::Postgres(tx) => {
+            let floors: Vec<bool> = ids.iter().map(|a| accounts::no_overdraft(a)).collect();
+            sqlx::query(
+                "INSERT INTO ledger_accounts (id, balance, no_overdraft, updated_at) \
+                 SELECT id, 0, floor, $3 FROM UNNEST($1::text[], $2::bool[]) AS v (id, floor) \
+                 ORDER BY id ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(ids)
+            .bind(&floors)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+            Ok(sqlx::query_as(
+                "SELECT id, balance FROM ledger_accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            )
+            .bind(ids)
+            .fetch_all(&mut **tx)
+            .await?)
+        }
+        Tx::Sqlite(tx) => {
+            for chunk in ids.chunks(CHUNK) {
+                let mut qb = sqlx::QueryBuilder::new(
+                    "INSERT INTO ledger_accounts (id, balance, no_overdraft, updated_at) ",
+                );
+                qb.push_values(chunk, |mut b, id| {
+                    b.push_bind(id)
+                        .push_bind(0i64)
+                        .push_bind(accounts::no_overdraft(id))
+                        .push_bind(now);
+                });
+                qb.push(" ON CONFLICT (id) DO NOTHING");
+                qb.build().execute(&mut **tx).await?;
+            }
+            // SQLite has one writer at a time: the transaction already excludes the others.
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let head = "SELECT id, balance FROM ledger_accounts WHERE id IN (";
+            sqlite_select_in(tx, head, &ids).await
+        }
+    }
+}
+
+/// The stored transfers with these ids.
+pub(super) async fn transfers_by_id(tx: &mut Tx, ids: &[&str]) -> Result<Vec<Transfer>, DbError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    match tx {
+        Tx::Postgres(tx) => {
+            let sql = format!("SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE id = ANY($1)");
+            Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(ids)
+                .fetch_all(&mut **tx)
+                .await?)
+        }
+        Tx::Sqlite(tx) => {
+            let head = format!("SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE id IN (");
+            sqlite_select_in(tx, &head, ids).await
+        }
+    }
+}
+
+pub(super) async fn insert_transfers(tx: &mut Tx, ts: &[Transfer]) -> Result<(), DbError> {
+    if ts.is_empty() {
+        return Ok(());
+    }
+    match tx {
+        Tx::Postgres(tx) => {
+            let col = |f: fn(&Transfer) -> &str| ts.iter().map(f).collect::<Vec<&str>>();
+            let opt = |f: fn(&Transfer) -> Option<&str>| ts.iter().map(f).collect::<Vec<_>>();
+            sqlx::query(
+                "INSERT INTO ledger_transfers (id, debit, credit, amount, kind, user_id, \
+                 reservation_id, job_id, memo, created_at) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], \
+                 $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[])",
+            )
+            .bind(col(|t| &t.id))
+            .bind(col(|t| &t.debit))
+            .bind(col(|t| &t.credit))
+            .bind(ts.iter().map(|t| t.amount).collect::<Vec<i64>>())
+            .bind(col(|t| &t.kind))
+            .bind(opt(|t| t.user_id.as_deref()))
+            .bind(opt(|t| t.reservation_id.as_deref()))
+            .bind(opt(|t| t.job_id.as_deref()))
+            .bind(opt(|t| t.memo.as_deref()))
+            .bind(ts.iter().map(|t| t.created_at).collect::<Vec<i64>>())
+            .execute(&mut **tx)
+            .await?;
+        }
+        Tx::Sqlite(tx) => {
+            for chunk in ts.chunks(CHUNK) {
+                let mut qb = sqlx::QueryBuilder::new(
+                    "INSERT INTO ledger_transfers (id, debit, credit, amount, kind, user_id, \
+                     reservation_id, job_id, memo, created_at) ",
+                );
+                qb.push_values(chunk, |mut b, t| {
+                    b.push_bind(&t.id)
+                        .push_bind(&t.debit)
+                        .push_bind(&t.credit)
+                        .push_bind(t.amount)
+                        .push_bind(&t.kind)
+                        .push_bind(&t.user_id)
+                        .push_bind(&t.reservation_id)
+                        .push_bind(&t.job_id)
+                        .push_bind(&t.memo)
+                        .push_bind(t.created_at);
+                });
+                qb.build().execute(&mut **tx).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Inserts new reservations and stores the new state of changed ones.
+pub(super) async fn upsert_reservations(tx: &mut Tx, rs: &[&Reservation]) -> Result<(), DbError> {
+    if rs.is_empty() {
+        return Ok(());
+    }
+    const UPSERT: &str = " ON CONFLICT (id) DO UPDATE SET settled = excluded.settled, \
+        state = excluded.state, closed_at = excluded.closed_at";
+    match tx {
+        Tx::Postgres(tx) => {
+            let text = |f: fn(&Reservation) -> &str| rs.iter().map(|r| f(r)).collect::<Vec<_>>();
+            let int =
+                |f: fn(&Reservation) -> Option<i64>| rs.iter().map(|r| f(r)).collect::<Vec<_>>();
+            let sql = format!(
+                "INSERT INTO ledger_reservations (id, user_id, amount, settled, state, job_id, \
+                 expires_at, created_at, closed_at) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], \
+                 $6::text[], $7::bigint[], $8::bigint[], $9::bigint[]){UPSERT}"
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(text(|r| &r.id))
+                .bind(text(|r| &r.user_id))
+                .bind(int(|r| Some(r.amount)))
+                .bind(int(|r| r.settled))
+                .bind(text(|r| &r.state))
+                .bind(rs.iter().map(|r| r.job_id.as_deref()).collect::<Vec<_>>())
+                .bind(int(|r| r.expires_at))
+                .bind(int(|r| Some(r.created_at)))
+                .bind(int(|r| r.closed_at))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Tx::Sqlite(tx) => {
+            for chunk in rs.chunks(CHUNK) {
+                let mut qb = sqlx::QueryBuilder::new(
+                    "INSERT INTO ledger_reservations (id, user_id, amount, settled, state, job_id, \
+                     expires_at, created_at, closed_at) ",
+                );
+                qb.push_values(chunk, |mut b, r| {
+                    b.push_bind(&r.id)
+                        .push_bind(&r.user_id)
+                        .push_bind(r.amount)
+                        .push_bind(r.settled)
+                        .push_bind(&r.state)
+                        .push_bind(&r.job_id)
+                        .push_bind(r.expires_at)
+                        .push_bind(r.created_at)
+                        .push_bind(r.closed_at);
+                });
+                qb.push(UPSERT);
+                qb.build().execute(&mut **tx).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes new balances of locked accounts.
+pub(super) async fn set_balances(
+    tx: &mut Tx,
+    balances: &[(&String, i64)],
+    now: i64,
+) -> Result<(), DbError> {
+    if balances.is_empty() {
+        return Ok(());
+    }
+    match tx {
+        Tx::Postgres(tx) => {
+            sqlx::query(
+                "UPDATE ledger_accounts SET balance = v.balance, updated_at = $3 \
+                 FROM UNNEST($1::text[], $2::bigint[]) AS v (id, balance) WHERE ledger_accounts.id = v.id",
+            )
+            .bind(balances.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
+            .bind(balances.iter().map(|(_, b)| *b).collect::<Vec<i64>>())
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Tx::Sqlite(tx) => {
+            for chunk in balances.chunks(CHUNK) {
+                let mut qb = sqlx::QueryBuilder::new("WITH v (vid, vbalance) AS (");
+                qb.push_values(chunk, |mut b, (id, balance)| {
+                    b.push_bind(*id).push_bind(*balance);
+                });
+                qb.push(") UPDATE ledger_accounts SET balance = v.vbalance, updated_at = ");
+                qb.push_bind(now);
+                qb.push(" FROM v WHERE ledger_accounts.id = v.vid");
+                qb.build().execute(&mut **tx).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Gives transfers their log indices.
+pub(super) async fn set_seqs(tx: &mut Tx, seqs: &[(&str, i64)]) -> Result<(), DbError> {
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    match tx {
+        Tx::Postgres(tx) => {
+            sqlx::query(
+                "UPDATE ledger_transfers SET seq = v.seq \
+                 FROM UNNEST($1::text[], $2::bigint[]) AS v (id, seq) WHERE ledger_transfers.id = v.id",
+            )
+            .bind(seqs.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+            .bind(seqs.iter().map(|(_, s)| *s).collect::<Vec<i64>>())
+            .execute(&mut **tx)
+            .await?;
+        }
+        Tx::Sqlite(tx) => {
+            for chunk in seqs.chunks(CHUNK) {
+                let mut qb = sqlx::QueryBuilder::new("WITH v (vid, vseq) AS (");
+                qb.push_values(chunk, |mut b, (id, seq)| {
+                    b.push_bind(*id).push_bind(*seq);
+                });
+                qb.push(
+                    ") UPDATE ledger_transfers SET seq = v.vseq FROM v WHERE ledger_transfers.id = v.vid",
+                );
+                qb.build().execute(&mut **tx).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Stores complete subtrees of the log.
+pub(super) async fn insert_nodes(tx: &mut Tx, nodes: &[(NodeId, Hash)]) -> Result<(), DbError> {
+    if nodes.is_empty() {
+        return Ok(());
+    }
+    match tx {
+        Tx::Postgres(tx) => {
+            sqlx::query(
+                "INSERT INTO ledger_nodes (level, idx, hash) \
+                 SELECT * FROM UNNEST($1::int[], $2::bigint[], $3::bytea[])",
+            )
+            .bind(
+                nodes
+                    .iter()
+                    .map(|(id, _)| i32::from(id.level))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                nodes
+                    .iter()
+                    .map(|(id, _)| id.index as i64)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(nodes.iter().map(|(_, h)| h.to_vec()).collect::<Vec<_>>())
+            .execute(&mut **tx)
+            .await?;
+        }
+        Tx::Sqlite(tx) => {
+            for chunk in nodes.chunks(CHUNK) {
+                let mut qb =
+                    sqlx::QueryBuilder::new("INSERT INTO ledger_nodes (level, idx, hash) ");
+                qb.push_values(chunk, |mut b, (id, hash)| {
+                    b.push_bind(i32::from(id.level))
+                        .push_bind(id.index as i64)
+                        .push_bind(hash.to_vec());
+                });
+                qb.build().execute(&mut **tx).await?;
+            }
+        }
+    }
+    Ok(())
+}
