@@ -34,10 +34,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
     /// Jobs run at once per worker process.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 2048)]
     pub concurrency: usize,
     /// Tasks each worker claims per fetch.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 2048)]
     pub batch: usize,
     /// Backends to measure (sqlite, postgres).
     #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]

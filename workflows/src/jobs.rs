@@ -545,15 +545,16 @@ pub async fn claim_many(
     ids: &[String],
 ) -> Result<Vec<Option<Claimed>>, DbError> {
     let now = now_ms();
-    const RETURNING: &str = " RETURNING id, kind, input, attempts, max_attempts";
+    const RETURNING: &str = " RETURNING tally_jobs.id, kind, input, attempts, max_attempts";
     let claimed: Vec<Claimed> = match db {
-        // One prepared statement whatever the batch size.
+        // One prepared statement whatever the batch size; the join on the array of ids keeps
+        // the plan on the primary key (a generic plan for `id = ANY($3)` may not).
         Db::Postgres(pool) => {
             let sql = format!(
                 "UPDATE tally_jobs SET status = 'running', attempts = attempts + 1, worker = $1, \
                  started_at = COALESCE(started_at, $2), updated_at = $2 \
-                 WHERE status IN ('queued', 'failed', 'running') AND NOT cancel_requested \
-                 AND id = ANY($3){RETURNING}"
+                 FROM UNNEST($3::text[]) AS c (id) WHERE tally_jobs.id = c.id \
+                 AND status IN ('queued', 'failed', 'running') AND NOT cancel_requested{RETURNING}"
             );
             sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(worker)

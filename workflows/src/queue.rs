@@ -70,9 +70,11 @@ pub async fn push(tx: &mut Tx, items: &[Enqueue]) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Marks queue tasks done inside `tx`, the transaction that records their jobs' outcomes, so a
+/// Completes queue tasks inside `tx`, the transaction that records their jobs' outcomes, so a
 /// task is done exactly when its attempt's outcome is stored. (Tally acknowledges tasks itself:
-/// apalis' own acknowledgement is switched off.)
+/// apalis' own acknowledgement is switched off.) A completed task is deleted: the job's record
+/// (`tally_jobs`) keeps the history, and a delete writes no new row version or index entries,
+/// where marking it `Done` wrote both and left the queue table growing.
 ///
 /// Only tasks still locked by one of `holders` (this process's apalis workers) are completed: a
 /// task that apalis re-enqueued and another process now holds is that process's to complete.
@@ -84,8 +86,8 @@ pub async fn complete(tx: &mut Tx, task_ids: &[String], holders: &[String]) -> R
         // One prepared statement whatever the batch size: arrays, not a list of parameters.
         Tx::Postgres(tx) => {
             sqlx::query(
-                "UPDATE apalis.jobs SET status = 'Done', done_at = NOW() \
-                 WHERE id = ANY($1) AND lock_by = ANY($2)",
+                "DELETE FROM apalis.jobs USING UNNEST($1::text[]) AS d (id) \
+                 WHERE jobs.id = d.id AND lock_by = ANY($2)",
             )
             .bind(task_ids)
             .bind(holders)
@@ -93,9 +95,7 @@ pub async fn complete(tx: &mut Tx, task_ids: &[String], holders: &[String]) -> R
             .await?;
         }
         Tx::Sqlite(tx) => {
-            let mut qb = sqlx::QueryBuilder::new(
-                "UPDATE Jobs SET status = 'Done', done_at = strftime('%s', 'now') WHERE id IN (",
-            );
+            let mut qb = sqlx::QueryBuilder::new("DELETE FROM Jobs WHERE id IN (");
             let mut list = qb.separated(", ");
             for id in task_ids {
                 list.push_bind(id);
