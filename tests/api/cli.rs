@@ -249,8 +249,41 @@ async fn dev_prints_a_new_admin_key_once() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    // dev made a checkpoint signing key in its data folder, readable by its owner only, and
+    // signs the log with it.
+    let key_file = dir.join("ledger.key");
+    let text = std::fs::read_to_string(&key_file).expect("dev keeps a ledger key");
+    assert!(text.starts_with("PRIVATE+KEY+tally-dev+"), "{text}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let mut checkpoint = Value::Null;
+    for _ in 0..100 {
+        let resp = reqwest::Client::new()
+            .get(format!("{base}/v1/ledger/checkpoint"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 200 {
+            checkpoint = resp.json().await.unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        checkpoint["size"], 0,
+        "the empty log is signed: {checkpoint}"
+    );
     signal(&dev, "TERM");
     assert!(dev.wait().await.unwrap().success());
+    assert_eq!(
+        std::fs::read_to_string(&key_file).unwrap(),
+        text,
+        "the key is kept across restarts"
+    );
     // A second start on the same data dir finds the admin and prints no new key.
     let (code, out, _) = output(
         tally()
@@ -327,4 +360,87 @@ async fn config_layers_and_redacts() {
     let (code, _, err) = output(tally().arg("config").env("DATABASE_URL", "mysql://x")).await;
     assert_eq!(code, 2);
     assert!(err.contains("database_url"), "{err}");
+}
+
+#[tokio::test]
+async fn keys_and_ledger_commands_explain_bad_input() {
+    let dir = scratch_dir();
+    let file = dir.join("signing.key");
+    let (code, out, err) = output(
+        tally()
+            .args(["keys", "generate", "--name", "ops", "--out"])
+            .arg(&file),
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.is_empty(),
+        "the private key goes to the file only: {out}"
+    );
+    let verifier = err
+        .lines()
+        .find_map(|l| l.strip_prefix("verifier key: "))
+        .expect("prints the verifier key")
+        .to_owned();
+    assert!(verifier.starts_with("ops+"), "{verifier}");
+    let private = std::fs::read_to_string(&file).unwrap();
+    let signer = tally_ledger::SignerKey::parse(&private).expect("a valid signing key");
+    assert_eq!(signer.verifier().encode(), verifier);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // Never overwrites a key.
+    let (code, _, err) = output(tally().args(["keys", "generate", "--out"]).arg(&file)).await;
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), private);
+    let (code, out, _) = output(tally().args(["keys", "generate"])).await;
+    assert_eq!(code, 0);
+    assert!(out.starts_with("PRIVATE+KEY+tally+"), "{out}");
+
+    let db = format!("sqlite://{}", dir.join("t.db").display());
+    let (code, _, err) = output(tally().arg("migrate").env("DATABASE_URL", &db)).await;
+    assert_eq!(code, 0, "{err}");
+    // No trusted keys: nothing to verify against.
+    let (code, _, err) = output(tally().args(["ledger", "verify"]).env("DATABASE_URL", &db)).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no trusted ledger keys"), "{err}");
+    // An empty ledger with a key verifies.
+    let (code, out, err) = output(
+        tally()
+            .args(["ledger", "verify"])
+            .env("DATABASE_URL", &db)
+            .env("TALLY_LEDGER__SIGNING_KEY_FILE", &file),
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ledger verified: 0 entries"), "{out}");
+    // A malformed key in the configuration is named.
+    let (code, _, err) = output(
+        tally()
+            .args(["ledger", "verify"])
+            .env("DATABASE_URL", &db)
+            .env("TALLY_LEDGER__SIGNING_KEY", "PRIVATE+KEY+nonsense"),
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("ledger.signing_key"), "{err}");
+    let (code, _, err) = output(
+        tally()
+            .args(["ledger", "verify", "--key", "not-a-key", "--export"])
+            .arg(&dir),
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--key"), "{err}");
+    // An export folder that is not one.
+    let (code, _, err) = output(
+        tally()
+            .args(["ledger", "verify", "--export"])
+            .arg(dir.join("missing")),
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("missing"), "{err}");
 }
