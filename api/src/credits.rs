@@ -5,6 +5,7 @@ use axum::{
     Json, Router,
     extract::{Path, State},
     http::{HeaderMap, StatusCode},
+    response::IntoResponse,
     routing::{get, post},
 };
 use serde::Deserialize;
@@ -108,6 +109,7 @@ async fn history(
         Some(c) => {
             let parsed = c
                 .split_once(':')
+                .filter(|(_, id)| id.chars().all(|ch| ch.is_ascii_graphic()))
                 .and_then(|(at, id)| at.parse::<i64>().ok().map(|at| (at, id.to_owned())));
             Some(parsed.ok_or_else(|| {
                 ApiError::bad_request("cursor must be a next_cursor from an earlier page")
@@ -184,7 +186,7 @@ async fn reserve(
     Caller(user): Caller,
     headers: HeaderMap,
     ApiJson(body): ApiJson<ReserveBody>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let amount = amount_in_range("amount", body.amount, 1)?;
     let ttl = body
         .expires_in_s
@@ -210,7 +212,24 @@ async fn reserve(
             job_id: None,
         })
         .await??;
-    Ok((StatusCode::CREATED, Json(reservation_view(done))))
+    // A retried request (same Idempotency-Key) finds the first reservation.
+    let replayed = matches!(done, Done::Reservation { replayed: true, .. });
+    let mut resp = (
+        if replayed {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        },
+        Json(reservation_view(done)),
+    )
+        .into_response();
+    if replayed {
+        resp.headers_mut().insert(
+            "idempotent-replayed",
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(resp)
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -230,7 +249,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// The caller's reservation, unless a job holds it (a job's credits move only with the job).
 async fn own_reservation(state: &AppState, user_id: &str, id: &str) -> Result<Value, ApiError> {
-    if id.is_empty() || id.len() > 300 {
+    if id.is_empty() || id.len() > 300 || !id.chars().all(|c| c.is_ascii_graphic()) {
         return Err(ApiError::not_found("no reservation with this id"));
     }
     let (r, transfers) = ledger::reservation(&state.db, id, Some(user_id))

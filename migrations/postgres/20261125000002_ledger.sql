@@ -11,9 +11,15 @@ CREATE TABLE ledger_accounts (
 );
 
 -- Every transfer. `seq` is its index in the Merkle log, set when a signing process integrates it.
+-- `(ord, pos)` is the order it was made in: `ord` is drawn by its batch while holding the locks
+-- of every account the batch touches, `pos` is its place in the batch. Two batches that share an
+-- account therefore get their `ord` in commit order, and the log follows `(ord, pos)`, so a
+-- replay of the log never spends credits before they arrive.
 CREATE TABLE ledger_transfers (
     id             TEXT PRIMARY KEY,
     seq            BIGINT UNIQUE,
+    ord            BIGINT NOT NULL,
+    pos            INTEGER NOT NULL,
     debit          TEXT NOT NULL,
     credit         TEXT NOT NULL,
     amount         BIGINT NOT NULL CHECK (amount > 0),
@@ -25,9 +31,12 @@ CREATE TABLE ledger_transfers (
     created_at     BIGINT NOT NULL,
     CHECK (debit <> credit)
 );
-CREATE INDEX ledger_transfers_pending ON ledger_transfers (created_at, id) WHERE seq IS NULL;
+CREATE INDEX ledger_transfers_pending ON ledger_transfers (ord, pos) WHERE seq IS NULL;
 CREATE INDEX ledger_transfers_user ON ledger_transfers (user_id, created_at, id);
 CREATE INDEX ledger_transfers_job ON ledger_transfers (job_id) WHERE job_id IS NOT NULL;
+
+-- Non-transactional and lock-free: drawing from it never waits on another batch.
+CREATE SEQUENCE ledger_order;
 
 -- Two-phase holds: pending → settled | released | expired.
 CREATE TABLE ledger_reservations (

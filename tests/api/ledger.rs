@@ -68,11 +68,23 @@ async fn credits_flow(backend: Backend) {
     assert_eq!(s["settled"], 120);
     assert_eq!(app.balance(&key).await, (880, 0));
     let again = json_of(
-        app.post(&key, &path, json!({ "amount": 50 })).await,
+        app.post(&key, &path, json!({ "amount": 120 })).await,
         StatusCode::OK,
     )
     .await;
-    assert_eq!(again["settled"], 120, "a second settle is a no-op: {again}");
+    assert_eq!(
+        again["settled"], 120,
+        "the same settle again is a no-op: {again}"
+    );
+    let resp = app.post(&key, &path, json!({ "amount": 50 })).await;
+    let p = assert_problem(resp, StatusCode::CONFLICT).await;
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("settled for 120"),
+        "{p}"
+    );
     assert_eq!(app.balance(&key).await, (880, 0));
     let resp = app
         .post(
@@ -95,6 +107,37 @@ async fn credits_flow(backend: Backend) {
         r["id"].as_str().expect("id")
     );
     json_of(app.post(&key, &rel, json!({})).await, StatusCode::OK).await;
+    json_of(app.post(&key, &rel, json!({})).await, StatusCode::OK).await;
+    assert_eq!(app.balance(&key).await, (880, 0));
+
+    // An Idempotency-Key makes a retried reservation find the first one.
+    let keyed = |body: Value| {
+        app.client
+            .post(app.url("/v1/credits/reserve"))
+            .bearer_auth(&key)
+            .header("Idempotency-Key", "hold-1")
+            .json(&body)
+    };
+    let first = json_of(
+        keyed(json!({ "amount": 5 })).send().await.expect("send"),
+        StatusCode::CREATED,
+    )
+    .await;
+    let resp = keyed(json!({ "amount": 5 })).send().await.expect("send");
+    assert_eq!(
+        resp.headers()
+            .get("idempotent-replayed")
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    let second = json_of(resp, StatusCode::OK).await;
+    assert_eq!(first["id"], second["id"]);
+    let resp = keyed(json!({ "amount": 6 })).send().await.expect("send");
+    assert_problem(resp, StatusCode::CONFLICT).await;
+    let rel = format!(
+        "/v1/credits/reservations/{}/release",
+        first["id"].as_str().expect("id")
+    );
     json_of(app.post(&key, &rel, json!({})).await, StatusCode::OK).await;
     assert_eq!(app.balance(&key).await, (880, 0));
 
@@ -131,14 +174,18 @@ async fn credits_flow(backend: Backend) {
             resp.status()
         );
     }
-    let resp = app
-        .post(
-            &key,
-            "/v1/credits/reservations/nope/settle",
-            json!({ "amount": 1 }),
-        )
-        .await;
-    assert_problem(resp, StatusCode::NOT_FOUND).await;
+    for bad in ["nope", "%00", "rsv%3A%00", "%E2%9C%93"] {
+        let resp = app
+            .post(
+                &key,
+                &format!("/v1/credits/reservations/{bad}/settle"),
+                json!({ "amount": 1 }),
+            )
+            .await;
+        assert_problem(resp, StatusCode::NOT_FOUND).await;
+    }
+    let resp = app.get(&key, "/v1/credits/history?cursor=12:%00").await;
+    assert_problem(resp, StatusCode::BAD_REQUEST).await;
     assert_eq!(app.balance(&key).await, (880, 0));
 
     // Another user cannot see or settle this user's reservation.
@@ -418,6 +465,28 @@ async fn priced_jobs_reserve_settle_and_release(backend: Backend) {
         .await;
     assert_problem(resp, StatusCode::PAYMENT_REQUIRED).await;
 
+    // Ten concurrent submissions under one Idempotency-Key that nobody can pay for: all refused
+    // alike, none answered with a job that does not exist.
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (client, url, key) = (app.client.clone(), app.url("/v1/jobs"), key.clone());
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .bearer_auth(key)
+                    .header("Idempotency-Key", "unpaid")
+                    .json(&json!({ "kind": "echo", "input": {} }))
+                    .send()
+                    .await
+                    .expect("request")
+                    .status()
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), StatusCode::PAYMENT_REQUIRED);
+    }
+
     // The owner checks offline that the first job's charge is in the signed log.
     app.wait_signed().await;
     let first = json_of(
@@ -695,11 +764,22 @@ async fn tampering_is_detected(backend: Backend) {
         ),
         (
             "inserted entry",
-            "INSERT INTO ledger_transfers (id, seq, debit, credit, amount, kind, created_at) \
-             VALUES ('forged', 1000, 'platform:grants', 'platform:revenue', 5, 'grant', 0)"
+            "INSERT INTO ledger_transfers (id, seq, ord, pos, debit, credit, amount, kind, created_at) \
+             VALUES ('forged', 1000, 0, 0, 'platform:grants', 'platform:revenue', 5, 'grant', 0)"
                 .into(),
             "DELETE FROM ledger_transfers WHERE id = 'forged'".into(),
             "1000",
+        ),
+        (
+            "stored tree edited",
+            "CREATE TABLE nodes_backup AS SELECT * FROM ledger_nodes WHERE level = 2 AND idx = 0; \
+             UPDATE ledger_nodes SET hash = (SELECT hash FROM ledger_nodes WHERE level = 0 AND idx = 0) \
+             WHERE level = 2 AND idx = 0"
+                .into(),
+            "UPDATE ledger_nodes SET hash = (SELECT hash FROM nodes_backup) WHERE level = 2 AND idx = 0; \
+             DROP TABLE nodes_backup"
+                .into(),
+            "stored tree",
         ),
         (
             "forged signature",

@@ -37,6 +37,12 @@ enum Step {
     DoubleSettle {
         pick: usize,
     },
+    /// One batch that grants credits and holds them at once: the log must keep that order
+    /// (the hold's id sorts first, so an order by id would replay a spend before its credit).
+    GrantAndHold {
+        user: usize,
+        amount: i64,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -52,6 +58,7 @@ fn step() -> impl Strategy<Value = Step> {
         any::<usize>().prop_map(|pick| Step::Release { pick }),
         Just(Step::Expire),
         any::<usize>().prop_map(|pick| Step::DoubleSettle { pick }),
+        (0..3usize, 1..300i64).prop_map(|(user, amount)| Step::GrantAndHold { user, amount }),
     ]
 }
 
@@ -224,6 +231,38 @@ async fn run_case(db: &Db, steps: &[Step]) -> Result<(), TestCaseError> {
                         "{done:?}"
                     );
                 }
+            }
+            Step::GrantAndHold { user, amount } => {
+                let u = &users[*user];
+                let id = format!("aa-rsv:{}", uuid::Uuid::now_v7());
+                let ops = vec![
+                    Op::Transfer(TransferSpec {
+                        id: format!("zz-grant/{}", uuid::Uuid::now_v7()),
+                        debit: accounts::GRANTS.to_owned(),
+                        credit: accounts::available(u),
+                        amount: *amount,
+                        kind: "grant".to_owned(),
+                        user_id: Some(u.clone()),
+                        reservation_id: None,
+                        job_id: None,
+                        memo: None,
+                    }),
+                    Op::Reserve {
+                        id: id.clone(),
+                        user_id: u.clone(),
+                        amount: *amount,
+                        expires_at: None,
+                        job_id: None,
+                    },
+                ];
+                let answers = ledger::run(db, ops)
+                    .await
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+                *model.held.entry(u.clone()).or_default() += amount;
+                model
+                    .reservations
+                    .push((id, u.clone(), *amount, false, true));
             }
             Step::Expire => {
                 log::expire_due(db, now_ms(), 10_000)

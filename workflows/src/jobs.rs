@@ -162,6 +162,20 @@ pub enum JobError {
     Db(#[from] DbError),
 }
 
+impl JobError {
+    /// The same refusal again, for a second caller (a database error is not copied: it
+    /// would not say anything true about the other request).
+    fn same(&self) -> JobError {
+        match self {
+            JobError::InsufficientCredits { needed, available } => JobError::InsufficientCredits {
+                needed: *needed,
+                available: *available,
+            },
+            other => JobError::Conflict(other.to_string()),
+        }
+    }
+}
+
 impl From<LedgerError> for JobError {
     fn from(e: LedgerError) -> Self {
         match e {
@@ -296,20 +310,30 @@ pub async fn submit_many(
         }
     }
     let answers = ledger::execute(&mut tx, &ops, now).await?;
-    let mut refused = Vec::new();
+    // Refused jobs, with why (as the text of the error their submission gets).
+    let mut refused: Vec<(String, JobError)> = Vec::new();
     for (i, answer) in holds.into_iter().zip(answers) {
         if let Err(e) = answer {
+            let err = JobError::from(e);
             if let Ok((job, _)) = &out[i] {
-                refused.push(job.id.clone());
+                refused.push((job.id.clone(), err.same()));
             }
-            out[i] = Err(e.into());
+            out[i] = Err(err);
         }
     }
     if !refused.is_empty() {
+        // A replay in the same batch of a job that was just refused is refused the same way.
+        for answer in out.iter_mut() {
+            if let Ok((job, false)) = answer
+                && let Some((_, why)) = refused.iter().find(|(id, _)| *id == job.id)
+            {
+                *answer = Err(why.same());
+            }
+        }
         with_tx!(&mut tx, conn => {
             let mut qb = sqlx::QueryBuilder::new("DELETE FROM tally_jobs WHERE id IN (");
             let mut list = qb.separated(", ");
-            for id in &refused {
+            for (id, _) in &refused {
                 list.push_bind(id);
             }
             qb.push(")");
@@ -445,7 +469,7 @@ async fn release_holds(
         .collect();
     for answer in ledger::execute(tx, &ops, now).await? {
         if let Err(e) = answer {
-            tracing::warn!(error = %e, "releasing a job's credits did nothing");
+            tracing::error!(error = %e, "a job was cancelled but its credits could not be released");
         }
     }
     Ok(())
@@ -829,7 +853,7 @@ pub async fn finish_many(
     }
     for answer in ledger::execute(&mut tx, &money, now).await? {
         if let Err(e) = answer {
-            tracing::warn!(error = %e, "settling a job's credits did nothing");
+            tracing::error!(error = %e, "a job ended but its credits could not be settled or released");
         }
     }
     queue::push(&mut tx, &pushes).await?;

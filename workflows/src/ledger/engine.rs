@@ -67,6 +67,7 @@ pub async fn execute(
                 touched.insert(accounts::held(user_id));
             }
             Op::Settle { id, .. } | Op::Release { id, .. } => {
+                let settles = matches!(op, Op::Settle { .. });
                 let user = reservations.get(id).map(|r| r.user_id.clone()).or_else(|| {
                     ops.iter().find_map(|o| match o {
                         Op::Reserve {
@@ -78,7 +79,10 @@ pub async fn execute(
                 if let Some(user) = user {
                     touched.insert(accounts::available(&user));
                     touched.insert(accounts::held(&user));
-                    touched.insert(accounts::REVENUE.to_owned());
+                    // Only a settlement reaches revenue: releases do not queue on that row.
+                    if settles {
+                        touched.insert(accounts::REVENUE.to_owned());
+                    }
                 }
             }
         }
@@ -251,17 +255,22 @@ impl Batch {
             Op::Settle { id, amount, owner } => {
                 let r = self.reservation(id, owner.as_deref())?;
                 match r.state() {
-                    ResState::Settled => {
+                    // The same settlement again changes nothing; another amount is refused.
+                    ResState::Settled if amount.is_none() || *amount == r.settled => {
                         return Ok(Done::Reservation {
                             reservation: r,
                             transfers: Vec::new(),
                             replayed: true,
                         });
                     }
-                    ResState::Released | ResState::Expired => {
+                    ResState::Settled | ResState::Released | ResState::Expired => {
+                        let state = match r.settled {
+                            Some(n) => format!("{} for {n} credits", r.state),
+                            None => r.state.clone(),
+                        };
                         return Err(LedgerError::Closed {
                             id: r.id.clone(),
-                            state: r.state.clone(),
+                            state,
                         });
                     }
                     ResState::Pending => {}

@@ -139,7 +139,7 @@ pub async fn integrate(
     });
     let size = size as u64;
     let sql = format!(
-        "SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE seq IS NULL ORDER BY created_at, id LIMIT $1"
+        "SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE seq IS NULL ORDER BY ord, pos LIMIT $1"
     );
     let pending: Vec<Transfer> = with_tx!(&mut tx, conn => {
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(max as i64).fetch_all(&mut *conn).await?
@@ -166,6 +166,18 @@ pub async fn integrate(
         .collect::<Result<Vec<_>, _>>()?;
     let mut frontier = Frontier::from_parts(size, hashes)
         .map_err(|e| DbError::Corrupt(format!("ledger tree: {e}")))?;
+    // Never extend a tree whose stored edge no longer matches what was signed.
+    let signed: Option<Vec<u8>> = with_tx!(&mut tx, conn => {
+        sqlx::query_scalar("SELECT root FROM ledger_checkpoints WHERE size = $1").bind(size as i64).fetch_optional(&mut *conn).await?
+    });
+    if let Some(root) = signed
+        && root.as_slice() != frontier.root().as_slice()
+    {
+        return Err(DbError::Corrupt(format!(
+            "the stored ledger tree does not match the checkpoint signed at size {size}; \
+             nothing more is signed until `tally ledger verify` is clean"
+        )));
+    }
     let mut nodes: Vec<(NodeId, Hash)> = Vec::with_capacity(pending.len() * 2);
     let mut seqs: Vec<(&str, i64)> = Vec::with_capacity(pending.len());
     let mut buf = Vec::with_capacity(256);
@@ -459,7 +471,7 @@ impl Snapshot {
 
     async fn pending(&mut self) -> Result<Vec<Transfer>, DbError> {
         let sql = format!(
-            "SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE seq IS NULL ORDER BY created_at, id"
+            "SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE seq IS NULL ORDER BY ord, pos"
         );
         let rows: Vec<Transfer> = with_tx!(&mut self.tx, conn => {
             sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&mut *conn).await?
@@ -502,8 +514,13 @@ pub async fn verify(
         next = last.transfer.seq.unwrap_or(next) + 1;
         for row in &page {
             let index = row.transfer.seq.unwrap_or_default() as u64;
-            let leaf: Option<Hash> = row.leaf.clone().and_then(|l| l.try_into().ok());
-            if let Err(f) = auditor.push(&row.transfer.entry(index), leaf.as_ref()) {
+            let Some(leaf) = row.leaf.clone().and_then(|l| Hash::try_from(l).ok()) else {
+                return Ok(Err(Finding::BadEntry {
+                    index,
+                    why: "its leaf hash is missing from the stored tree".to_owned(),
+                }));
+            };
+            if let Err(f) = auditor.push(&row.transfer.entry(index), Some(&leaf)) {
                 return Ok(Err(f));
             }
             if index >= latest {
@@ -524,7 +541,24 @@ pub async fn verify(
     }
     progress(total, total);
     let stored = snap.balances().await?;
-    Ok(auditor.finish(Some(&stored)))
+    let report = match auditor.finish(Some(&stored)) {
+        Ok(report) => report,
+        Err(f) => return Ok(Err(f)),
+    };
+    // The stored edge of the tree, which the next integration extends, must give the same root.
+    let edge = Frontier::nodes_needed(report.size);
+    let nodes = read_nodes(&mut snap.tx, &edge).await?;
+    let hashes: Option<Vec<Hash>> = edge.iter().map(|id| nodes.get(id).copied()).collect();
+    let stored_root = hashes
+        .and_then(|h| Frontier::from_parts(report.size, h).ok())
+        .map(|f| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, f.root()));
+    if stored_root.as_deref() != Some(report.root.as_str()) {
+        return Ok(Err(Finding::CheckpointTampered {
+            size: report.size,
+            why: "the stored tree nodes do not hash to the root of the entries".to_owned(),
+        }));
+    }
+    Ok(Ok(report))
 }
 
 /// What an export wrote.

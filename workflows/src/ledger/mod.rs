@@ -268,9 +268,11 @@ pub enum LedgerError {
     Db(#[from] DbError),
 }
 
-/// Applies `ops` in a transaction of their own. A transaction Postgres aborted to break a
-/// deadlock is run again (accounts are locked in one order, so this needs two batches that
-/// create the same new accounts at the same moment).
+/// Applies `ops` in a transaction of their own. A batch that lost a race is run again, and
+/// the second run sees the winner: Postgres aborted it to break a deadlock (accounts are locked
+/// in one order, so this needs two batches creating the same new accounts at once), or another
+/// process inserted the same new reservation or transfer id first (the rerun answers it as a
+/// replay, or as a conflict if its content differs).
 pub async fn run(db: &Db, ops: Vec<Op>) -> Result<Vec<Result<Done, LedgerError>>, DbError> {
     let mut tries = 0;
     loop {
@@ -282,7 +284,8 @@ pub async fn run(db: &Db, ops: Vec<Op>) -> Result<Vec<Result<Done, LedgerError>>
         };
         match attempt.await {
             Err(DbError::Sqlx(sqlx::Error::Database(e)))
-                if tries < 3 && matches!(e.code().as_deref(), Some("40P01" | "40001")) =>
+                if tries < 3
+                    && matches!(e.code().as_deref(), Some("40P01" | "40001" | "23505")) =>
             {
                 tries += 1;
                 tracing::debug!(error = %e, "ledger batch retried");

@@ -127,19 +127,43 @@ pub(super) async fn transfers_by_id(tx: &mut Tx, ids: &[&str]) -> Result<Vec<Tra
     }
 }
 
+/// Draws the batch's place in the order of transfers. Call it while holding the locks of every
+/// account the batch touches (see the `ledger_transfers` migration).
+async fn next_order(tx: &mut Tx) -> Result<i64, DbError> {
+    Ok(match tx {
+        Tx::Postgres(tx) => {
+            sqlx::query_scalar("SELECT nextval('ledger_order')")
+                .fetch_one(&mut **tx)
+                .await?
+        }
+        Tx::Sqlite(tx) => {
+            sqlx::query_scalar(
+                "UPDATE ledger_order SET next = next + 1 WHERE id = 1 RETURNING next",
+            )
+            .fetch_one(&mut **tx)
+            .await?
+        }
+    })
+}
+
+/// Inserts a batch's new transfers, in the order they were made.
 pub(super) async fn insert_transfers(tx: &mut Tx, ts: &[Transfer]) -> Result<(), DbError> {
     if ts.is_empty() {
         return Ok(());
     }
+    let ord = next_order(tx).await?;
     match tx {
         Tx::Postgres(tx) => {
             let col = |f: fn(&Transfer) -> &str| ts.iter().map(f).collect::<Vec<&str>>();
             let opt = |f: fn(&Transfer) -> Option<&str>| ts.iter().map(f).collect::<Vec<_>>();
             sqlx::query(
                 "INSERT INTO ledger_transfers (id, debit, credit, amount, kind, user_id, \
-                 reservation_id, job_id, memo, created_at) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], \
-                 $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[])",
+                 reservation_id, job_id, memo, created_at, ord, pos) \
+                 SELECT id, debit, credit, amount, kind, user_id, reservation_id, job_id, memo, \
+                 created_at, $11, (pos - 1)::int FROM UNNEST($1::text[], $2::text[], $3::text[], \
+                 $4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
+                 $10::bigint[]) WITH ORDINALITY AS v (id, debit, credit, amount, kind, user_id, \
+                 reservation_id, job_id, memo, created_at, pos)",
             )
             .bind(col(|t| &t.id))
             .bind(col(|t| &t.debit))
@@ -151,16 +175,19 @@ pub(super) async fn insert_transfers(tx: &mut Tx, ts: &[Transfer]) -> Result<(),
             .bind(opt(|t| t.job_id.as_deref()))
             .bind(opt(|t| t.memo.as_deref()))
             .bind(ts.iter().map(|t| t.created_at).collect::<Vec<i64>>())
+            .bind(ord)
             .execute(&mut **tx)
             .await?;
         }
         Tx::Sqlite(tx) => {
-            for chunk in ts.chunks(CHUNK) {
+            for (c, chunk) in ts.chunks(CHUNK).enumerate() {
                 let mut qb = sqlx::QueryBuilder::new(
                     "INSERT INTO ledger_transfers (id, debit, credit, amount, kind, user_id, \
-                     reservation_id, job_id, memo, created_at) ",
+                     reservation_id, job_id, memo, created_at, ord, pos) ",
                 );
+                let mut pos = (c * CHUNK) as i32;
                 qb.push_values(chunk, |mut b, t| {
+                    pos += 1;
                     b.push_bind(&t.id)
                         .push_bind(&t.debit)
                         .push_bind(&t.credit)
@@ -170,7 +197,9 @@ pub(super) async fn insert_transfers(tx: &mut Tx, ts: &[Transfer]) -> Result<(),
                         .push_bind(&t.reservation_id)
                         .push_bind(&t.job_id)
                         .push_bind(&t.memo)
-                        .push_bind(t.created_at);
+                        .push_bind(t.created_at)
+                        .push_bind(ord)
+                        .push_bind(pos - 1);
                 });
                 qb.build().execute(&mut **tx).await?;
             }
