@@ -58,7 +58,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20_000)]
     pub transfers: usize,
     /// With --ledger: concurrent writers.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 128)]
     pub writers: usize,
     /// With --ledger: group-commit shards (transactions in flight at once) on Postgres.
     #[arg(long, default_value_t = 4)]
