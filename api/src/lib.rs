@@ -4,7 +4,7 @@
 //! - [`error`]: [`ApiError`], the one error type; every 4xx/5xx is `application/problem+json`.
 //! - [`extract`]: JSON, query and path extractors whose rejections answer in that format.
 //! - [`auth`]: bearer API keys → [`Caller`]; admin-only routes take [`Admin`].
-//! - [`jobs`], [`credits`], [`ledger`], [`users`], [`health`]: one router per area, merged in
+//! - [`jobs`], [`credits`], [`ledger`], [`models`], [`users`], [`health`]: one router per area, merged in
 //!   [`router`].
 
 pub mod auth;
@@ -14,6 +14,7 @@ pub mod extract;
 pub mod health;
 pub mod jobs;
 pub mod ledger;
+pub mod models;
 pub mod users;
 
 use std::{future::Future, sync::Arc};
@@ -43,6 +44,8 @@ pub struct AppState {
     pub ledger: tally_workflows::ledger::Writer,
     /// The ledger's signing key (if this process signs) and trusted public keys.
     pub ledger_keys: Arc<Keys>,
+    /// The AI models users can pick, with their prices.
+    pub catalog: Arc<tally_workflows::ai::Catalog>,
     /// Valid API keys seen lately.
     pub keys: Arc<auth::KeyCache>,
     /// Cancelled when the server starts shutting down: event streams end, so graceful shutdown
@@ -66,8 +69,13 @@ impl AppState {
             })
         };
         let ledger = tally_workflows::ledger::Writer::spawn(&db, LEDGER_SHARDS, MAX_SUBMIT_BATCH);
+        // The configuration was validated with the same rule, so this cannot fail here; if it
+        // did, the offline models are the safe catalog (they never reach the network).
+        let catalog = tally_workflows::ai::Catalog::from_config(&cfg.ai)
+            .unwrap_or_else(|_| tally_workflows::ai::Catalog::offline());
         AppState {
             db,
+            catalog: Arc::new(catalog),
             cfg: Arc::new(cfg),
             submissions,
             ledger,
@@ -86,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         .merge(jobs::router())
         .merge(credits::router())
         .merge(ledger::router())
+        .merge(models::router())
         .merge(users::router())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

@@ -444,3 +444,33 @@ async fn keys_and_ledger_commands_explain_bad_input() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("missing"), "{err}");
 }
+
+#[tokio::test]
+async fn ai_platform_variables_configure_one_provider() {
+    let (code, out, err) = output(
+        tally()
+            .arg("config")
+            .env("AI_PLATFORM_BASE_URL", "https://ai.example.com/v1")
+            .env("AI_PLATFORM_API_KEY", "sk-very-secret"),
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("base_url = \"https://ai.example.com/v1\""),
+        "{out}"
+    );
+    assert!(out.contains("name = \"platform\""), "{out}");
+    assert!(
+        !out.contains("sk-very-secret"),
+        "the key is redacted: {out}"
+    );
+    // An invalid AI setting stops the process and names it.
+    let (code, _, err) = output(
+        tally()
+            .arg("config")
+            .env("AI_PLATFORM_BASE_URL", "ftp://ai.example.com"),
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("ai:") && err.contains("base_url"), "{err}");
+}

@@ -406,6 +406,9 @@ pub fn tally() -> tokio::process::Command {
     cmd.env_remove("DATABASE_URL")
         .env_remove("TALLY_CONFIG")
         .env_remove("TALLY_ADMIN_KEY")
+        .env_remove("AI_PLATFORM_BASE_URL")
+        .env_remove("AI_PLATFORM_API_KEY")
+        .env_remove("WELCOME_BONUS_AMOUNT")
         .env(
             "TALLY_LOG",
             std::env::var("TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into()),

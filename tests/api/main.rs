@@ -10,4 +10,5 @@ mod inputs;
 mod jobs;
 mod ledger;
 mod ledger_props;
+mod models;
 mod processes;

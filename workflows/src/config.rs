@@ -50,6 +50,73 @@ pub struct Config {
     pub credits: CreditsConfig,
     /// Credits each job of a kind costs (`[pricing] echo = 2`). Kinds not listed cost 0.
     pub pricing: BTreeMap<String, i64>,
+    pub ai: AiConfig,
+}
+
+/// AI providers and the model catalog. With no provider configured (and no
+/// `AI_PLATFORM_BASE_URL`), the catalog is the built-in offline models.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AiConfig {
+    pub providers: Vec<ProviderConfig>,
+    pub models: Vec<ModelConfig>,
+    /// Output tokens a chat request may produce when neither it nor the user's preferences say.
+    pub default_max_tokens: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub name: String,
+    /// The OpenAI-compatible API's base URL (`https://host` or `https://host/v1`).
+    pub base_url: String,
+    pub api_key: Option<Secret>,
+    /// Read the API key from this environment variable.
+    pub api_key_env: Option<String>,
+    /// Read the API key from this file.
+    pub api_key_file: Option<PathBuf>,
+    #[serde(default = "default_provider_timeout")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_provider_retries")]
+    pub max_retries: u32,
+    #[serde(default = "default_provider_concurrency")]
+    pub max_concurrency: usize,
+}
+
+fn default_provider_timeout() -> u64 {
+    60_000
+}
+fn default_provider_retries() -> u32 {
+    3
+}
+fn default_provider_concurrency() -> usize {
+    16
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub id: String,
+    pub provider: String,
+    /// `chat` or `image`.
+    pub kind: String,
+    /// Credits per 1,000 input tokens (chat).
+    #[serde(default)]
+    pub input_per_1k: i64,
+    /// Credits per 1,000 output tokens (chat).
+    #[serde(default)]
+    pub output_per_1k: i64,
+    /// Credits per image (image).
+    #[serde(default)]
+    pub per_image: i64,
+    #[serde(default = "default_context_window")]
+    pub context_window: u32,
+    /// Another provider that serves this model when the first keeps failing.
+    pub fallback: Option<String>,
+}
+
+fn default_context_window() -> u32 {
+    8192
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -180,6 +247,11 @@ impl Default for Config {
                 max_reservation_ttl_secs: 7 * 24 * 3600,
             },
             pricing: BTreeMap::new(),
+            ai: AiConfig {
+                providers: Vec::new(),
+                models: Vec::new(),
+                default_max_tokens: 512,
+            },
         }
     }
 }
@@ -212,6 +284,14 @@ impl Config {
         }
         if let Ok(url) = std::env::var("DATABASE_URL") {
             fig = fig.merge(("database_url", url));
+        }
+        // The original product's two variables: one provider, "platform".
+        if let Ok(base_url) = std::env::var("AI_PLATFORM_BASE_URL") {
+            let mut provider = serde_json::json!({ "name": "platform", "base_url": base_url });
+            if let Ok(key) = std::env::var("AI_PLATFORM_API_KEY") {
+                provider["api_key"] = serde_json::Value::String(key);
+            }
+            fig = fig.merge(("ai.providers", vec![provider]));
         }
         if let Ok(amount) = std::env::var("WELCOME_BONUS_AMOUNT") {
             let amount: i64 = amount.trim().parse().map_err(|_| ConfigError::Invalid {
@@ -306,6 +386,9 @@ impl Config {
                 "must be at least 1 and not above credits.max_reservation_ttl_secs",
             );
         }
+        if let Err(why) = crate::ai::Catalog::from_config(&self.ai) {
+            return Err(ConfigError::Invalid { key: "ai", why });
+        }
         if self.ledger.checkpoint_ms == 0 || self.ledger.checkpoint_ms > 1000 {
             return invalid(
                 "ledger.checkpoint_ms",
@@ -365,6 +448,11 @@ impl Config {
         shown.database_url = Some(Secret::new(redact_url(&self.database_url())));
         if shown.admin_key.is_some() {
             shown.admin_key = Some(Secret::new("<redacted>"));
+        }
+        for p in &mut shown.ai.providers {
+            if p.api_key.is_some() {
+                p.api_key = Some(Secret::new("<redacted>"));
+            }
         }
         if shown.ledger.signing_key.is_some() {
             shown.ledger.signing_key = Some(Secret::new("<redacted>"));

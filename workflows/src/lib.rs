@@ -1,6 +1,7 @@
 //! Tally's domain and storage.
 //!
 //! # Layout
+//! - [`ai`]: the model catalog, prices, token estimates and users' model preferences.
 //! - [`batch`]: group commit: many callers' writes in one statement and one transaction.
 //! - [`config`]: the effective configuration (defaults, TOML file, `TALLY_*` environment, flags).
 //! - [`db`]: one connection pool on SQLite or Postgres, migrations, readiness; dialect
@@ -13,6 +14,7 @@
 //! - [`retry`]: the backoff rule that decides when a failed attempt runs again.
 //! - [`users`]: users, roles and hashed API keys.
 
+pub mod ai;
 pub mod batch;
 pub mod config;
 pub mod db;
