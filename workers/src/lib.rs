@@ -6,6 +6,7 @@
 //! - [`context`]: what a running job sees: its id, progress reporting and the cancel check.
 //! - [`kinds`]: one file per job kind.
 
+pub mod ai;
 pub mod context;
 pub mod kinds;
 pub mod pool;

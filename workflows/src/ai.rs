@@ -237,12 +237,16 @@ fn model_of(
 pub mod tokens {
     /// Tokens in a piece of text.
     pub fn count(text: &str) -> u64 {
-        (text.chars().count() as u64).div_ceil(4)
+        u64::try_from(text.chars().count())
+            .unwrap_or(u64::MAX)
+            .div_ceil(4)
     }
 
     /// Tokens of a conversation sent to a model: each message's text plus 4 for its framing.
     pub fn count_messages<'a>(contents: impl IntoIterator<Item = &'a str>) -> u64 {
-        contents.into_iter().map(|c| count(c) + 4).sum()
+        contents.into_iter().fold(0u64, |total, c| {
+            total.saturating_add(count(c)).saturating_add(4)
+        })
     }
 }
 
