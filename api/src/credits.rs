@@ -232,7 +232,7 @@ async fn reserve(
     Ok(resp)
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     match headers.get("idempotency-key") {
         None => Ok(None),
         Some(v) => {
@@ -291,6 +291,7 @@ async fn settle(
             id,
             amount: Some(amount),
             owner: Some(user.id),
+            clamp: false,
         })
         .await??;
     Ok(Json(reservation_view(done)))

@@ -77,6 +77,12 @@ async fn submit(
                 .unwrap_or_default(),
         )
     })?;
+    if !spec.public {
+        return Err(ApiError::invalid(format!(
+            "{:?} jobs are made by their own endpoint (chat: POST /v1/chat/conversations/{{id}}/messages)",
+            spec.name
+        )));
+    }
     kinds::validate_input(&body.kind, &body.input).map_err(ApiError::invalid)?;
     let priority = match body.priority {
         None => 0,

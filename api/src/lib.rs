@@ -4,10 +4,11 @@
 //! - [`error`]: [`ApiError`], the one error type; every 4xx/5xx is `application/problem+json`.
 //! - [`extract`]: JSON, query and path extractors whose rejections answer in that format.
 //! - [`auth`]: bearer API keys → [`Caller`]; admin-only routes take [`Admin`].
-//! - [`jobs`], [`credits`], [`ledger`], [`models`], [`users`], [`health`]: one router per area, merged in
+//! - [`jobs`], [`chat`], [`credits`], [`ledger`], [`models`], [`users`], [`health`]: one router per area, merged in
 //!   [`router`].
 
 pub mod auth;
+pub mod chat;
 pub mod credits;
 pub mod error;
 pub mod extract;
@@ -95,6 +96,7 @@ pub fn router(state: AppState) -> Router {
         .merge(credits::router())
         .merge(ledger::router())
         .merge(models::router())
+        .merge(chat::router())
         .merge(users::router())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

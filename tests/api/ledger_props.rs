@@ -156,6 +156,7 @@ async fn run_case(db: &Db, steps: &[Step]) -> Result<(), TestCaseError> {
                     id: id.clone(),
                     amount: Some(charge),
                     owner: None,
+                    clamp: false,
                 };
                 let times = if matches!(step, Step::DoubleSettle { .. }) {
                     2

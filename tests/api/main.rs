@@ -5,6 +5,7 @@
 mod helpers;
 
 mod auth;
+mod chat;
 mod cli;
 mod inputs;
 mod jobs;

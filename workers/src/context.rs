@@ -59,6 +59,11 @@ impl JobContext {
         }
     }
 
+    /// The database this attempt writes to.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
     pub fn job_id(&self) -> &str {
         &self.job_id
     }

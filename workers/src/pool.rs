@@ -56,6 +56,8 @@ struct Runtime {
     attempts: TaskTracker,
     /// Cancelled when the shutdown timeout passes: attempts still running stop writing.
     interrupt: CancellationToken,
+    /// AI providers and the model catalog.
+    ai: crate::ai::Services,
 }
 
 /// How long interrupted attempts get to notice before the worker hands their jobs back anyway.
@@ -110,7 +112,10 @@ impl WorkerPool {
                 async move { jobs::finish_many(&db, &name, &holders, &items, pause).await }
             })
         };
+        let ai = crate::ai::Services::from_config(&self.cfg.ai)
+            .map_err(|e| DbError::Queue(format!("AI providers: {e}")))?;
         let rt = Arc::new(Runtime {
+            ai,
             db: self.db.clone(),
             name: self.name.clone(),
             retry_base: Duration::from_millis(self.cfg.jobs.retry_base_ms),
@@ -288,8 +293,9 @@ async fn run_attempt(job_id: &str, task_id: &str, rt: &Runtime) -> Result<(), Db
                 claimed.attempts.max(1) as u32,
                 rt.interrupt.clone(),
             );
-            match kinds::run(&claimed.kind, input, &mut ctx).await {
-                Ok(v) => Outcome::Succeeded(v),
+            match kinds::run(&claimed.kind, input, &mut ctx, &rt.ai).await {
+                Ok((v, None)) => Outcome::Succeeded(v),
+                Ok((v, Some(credits))) => Outcome::Charged(v, credits),
                 Err(JobFailure::Retryable(e)) => Outcome::Failed(e),
                 Err(JobFailure::Fatal(e)) => Outcome::Fatal(e),
                 Err(JobFailure::Cancelled) => Outcome::Cancelled,

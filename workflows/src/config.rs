@@ -79,6 +79,10 @@ pub struct ProviderConfig {
     pub timeout_ms: u64,
     #[serde(default = "default_provider_retries")]
     pub max_retries: u32,
+    /// First retry delay; each later one doubles, with jitter, up to 30 s. A 429's
+    /// `Retry-After` wins.
+    #[serde(default = "default_provider_retry_base")]
+    pub retry_base_ms: u64,
     #[serde(default = "default_provider_concurrency")]
     pub max_concurrency: usize,
 }
@@ -88,6 +92,9 @@ fn default_provider_timeout() -> u64 {
 }
 fn default_provider_retries() -> u32 {
     3
+}
+fn default_provider_retry_base() -> u64 {
+    500
 }
 fn default_provider_concurrency() -> usize {
     16

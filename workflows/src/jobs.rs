@@ -205,8 +205,19 @@ pub async fn submit_many(
     db: &Db,
     jobs: Vec<NewJob>,
 ) -> Result<Vec<Result<(Job, bool), JobError>>, DbError> {
-    let now = now_ms();
     let mut tx = db.begin().await?;
+    let out = submit_in(&mut tx, jobs).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// [`submit_many`] inside the caller's transaction, so other writes (a chat message) commit
+/// with the jobs or not at all.
+pub async fn submit_in(
+    tx: &mut crate::db::Tx,
+    jobs: Vec<NewJob>,
+) -> Result<Vec<Result<(Job, bool), JobError>>, DbError> {
+    let now = now_ms();
     let mut out = Vec::with_capacity(jobs.len());
     let mut fresh: Vec<(usize, &'static str)> = Vec::new();
     for chunk in jobs.chunks(500) {
@@ -240,7 +251,7 @@ pub async fn submit_many(
                 }
             })
             .collect();
-        let inserted: Vec<String> = with_tx!(&mut tx, conn => {
+        let inserted: Vec<String> = with_tx!(&mut *tx, conn => {
             let mut qb = sqlx::QueryBuilder::new(
                 "INSERT INTO tally_jobs (id, user_id, kind, queue, input, priority, status, attempts, \
                  max_attempts, idempotency_key, request_hash, run_at, created_at, updated_at, reservation_id) ",
@@ -276,7 +287,7 @@ pub async fn submit_many(
             let sql = format!(
                 "SELECT {COLUMNS} FROM tally_jobs WHERE user_id = $1 AND idempotency_key = $2"
             );
-            let first: Option<Job> = with_tx!(&mut tx, conn => {
+            let first: Option<Job> = with_tx!(&mut *tx, conn => {
                 sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(&row.user_id).bind(&key).fetch_optional(&mut *conn).await?
             });
             let first = first.ok_or_else(|| {
@@ -309,7 +320,7 @@ pub async fn submit_many(
             });
         }
     }
-    let answers = ledger::execute(&mut tx, &ops, now).await?;
+    let answers = ledger::execute(tx, &ops, now).await?;
     // Refused jobs, with why (as the text of the error their submission gets).
     let mut refused: Vec<(String, JobError)> = Vec::new();
     for (i, answer) in holds.into_iter().zip(answers) {
@@ -330,7 +341,7 @@ pub async fn submit_many(
                 *answer = Err(why.same());
             }
         }
-        with_tx!(&mut tx, conn => {
+        with_tx!(&mut *tx, conn => {
             let mut qb = sqlx::QueryBuilder::new("DELETE FROM tally_jobs WHERE id IN (");
             let mut list = qb.separated(", ");
             for (id, _) in &refused {
@@ -352,8 +363,7 @@ pub async fn submit_many(
             _ => None,
         })
         .collect();
-    queue::push(&mut tx, &pushes).await?;
-    tx.commit().await?;
+    queue::push(tx, &pushes).await?;
     Ok(out)
 }
 
@@ -667,6 +677,8 @@ pub async fn cancel_requested(db: &Db, id: &str, worker: &str) -> Result<bool, D
 #[derive(Debug, Clone)]
 pub enum Outcome {
     Succeeded(Value),
+    /// Succeeded and used this many credits (settled up to what the job reserved).
+    Charged(Value, i64),
     /// May be retried if attempts are left.
     Failed(String),
     /// Never worth retrying (the input can never work).
@@ -683,6 +695,8 @@ pub struct Finish {
     pub error: Option<String>,
     /// For `failed`: when the next attempt may start.
     pub retry_at: Option<i64>,
+    /// For `succeeded`: the credits the attempt used, when they differ from the reservation.
+    pub charge: Option<i64>,
 }
 
 /// Decides the job's next state: a failure with attempts left becomes `failed` with the time
@@ -692,8 +706,13 @@ pub fn plan(
     outcome: Outcome,
     retry_delay: impl FnOnce(u32) -> std::time::Duration,
 ) -> Finish {
+    let mut charge = None;
     let (status, result, error, retry_at) = match outcome {
         Outcome::Succeeded(v) => (Status::Succeeded, Some(v.to_string()), None, None),
+        Outcome::Charged(v, credits) => {
+            charge = Some(credits.max(0));
+            (Status::Succeeded, Some(v.to_string()), None, None)
+        }
         Outcome::Cancelled => (Status::Cancelled, None, Some("cancelled".to_owned()), None),
         Outcome::Fatal(e) => (Status::Dead, None, Some(e), None),
         Outcome::Failed(e) if claimed.attempts >= claimed.max_attempts => {
@@ -715,6 +734,7 @@ pub fn plan(
         result,
         error,
         retry_at,
+        charge,
     }
 }
 
@@ -826,6 +846,8 @@ pub async fn finish_many(
     let mut pushes = Vec::new();
     let mut applied = std::collections::HashMap::new();
     let mut money = Vec::new();
+    let charges: std::collections::HashMap<&str, Option<i64>> =
+        finishes.iter().map(|f| (f.id.as_str(), f.charge)).collect();
     for (id, kind, priority, run_at, status, reservation) in updated {
         let status = Status::parse(&status)
             .ok_or_else(|| DbError::Corrupt(format!("job {id} has status {status:?}")))?;
@@ -838,8 +860,9 @@ pub async fn finish_many(
             match status {
                 Status::Succeeded => money.push(Op::Settle {
                     id: rid,
-                    amount: None,
+                    amount: charges.get(id.as_str()).copied().flatten(),
                     owner: None,
+                    clamp: true,
                 }),
                 Status::Dead | Status::Cancelled => money.push(Op::Release {
                     id: rid,

@@ -8,6 +8,9 @@ use serde_json::Value;
 pub struct KindSpec {
     pub name: &'static str,
     pub queue: &'static str,
+    /// Submittable through `POST /v1/jobs`. Other kinds are made by their own endpoints, which
+    /// validate and price them (a chat reply through its conversation).
+    pub public: bool,
 }
 
 /// Diagnostic kinds, used by tests, benchmarks and operators. They run on the `system` queue.
@@ -15,14 +18,22 @@ pub const KINDS: &[KindSpec] = &[
     KindSpec {
         name: "echo",
         queue: "system",
+        public: true,
     },
     KindSpec {
         name: "sleep",
         queue: "system",
+        public: true,
     },
     KindSpec {
         name: "fail",
         queue: "system",
+        public: true,
+    },
+    KindSpec {
+        name: "chat",
+        queue: "ai",
+        public: false,
     },
 ];
 
@@ -52,6 +63,20 @@ pub fn validate_input(kind: &str, input: &Value) -> Result<(), String> {
                 Some(_) => Err(format!("input.ms must be at most {MAX_SLEEP_MS}")),
                 None => Err("input.ms is required and must be a non-negative integer".into()),
             }
+        }
+        "chat" => {
+            let obj = input.as_object().ok_or("chat takes an object")?;
+            only_fields(
+                obj,
+                &["conversation_id", "model", "max_tokens", "temperature"],
+            )?;
+            if !obj.get("conversation_id").is_some_and(Value::is_string)
+                || !obj.get("model").is_some_and(Value::is_string)
+                || !obj.get("max_tokens").is_some_and(Value::is_u64)
+            {
+                return Err("chat needs conversation_id, model and max_tokens".into());
+            }
+            Ok(())
         }
         "fail" => {
             let obj = input

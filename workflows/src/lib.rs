@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`ai`]: the model catalog, prices, token estimates and users' model preferences.
 //! - [`batch`]: group commit: many callers' writes in one statement and one transaction.
+//! - [`chat`]: conversations and their messages; a question and its job commit together.
 //! - [`config`]: the effective configuration (defaults, TOML file, `TALLY_*` environment, flags).
 //! - [`db`]: one connection pool on SQLite or Postgres, migrations, readiness; dialect
 //!   differences live here and nowhere else.
@@ -16,6 +17,7 @@
 
 pub mod ai;
 pub mod batch;
+pub mod chat;
 pub mod config;
 pub mod db;
 pub mod jobs;

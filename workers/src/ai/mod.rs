@@ -101,3 +101,67 @@ pub struct ImageReply {
     /// The model as requested.
     pub model: String,
 }
+
+/// What AI jobs in this process use: the providers (built from the configuration) and the
+/// catalog that prices their models.
+pub struct Services {
+    pub providers: Providers,
+    pub catalog: tally_workflows::ai::Catalog,
+}
+
+impl Services {
+    /// The configured providers and models; with none configured, the offline provider.
+    pub fn from_config(cfg: &tally_workflows::config::AiConfig) -> Result<Services, String> {
+        let catalog = tally_workflows::ai::Catalog::from_config(cfg)?;
+        if cfg.providers.is_empty() {
+            return Ok(Services {
+                providers: Providers::offline(),
+                catalog,
+            });
+        }
+        let mut providers = Vec::with_capacity(cfg.providers.len());
+        for p in &cfg.providers {
+            let api_key = match (&p.api_key, &p.api_key_env, &p.api_key_file) {
+                (Some(k), _, _) => Some(k.expose().to_owned()),
+                (None, Some(var), _) => Some(std::env::var(var).map_err(|_| {
+                    format!(
+                        "provider {:?}: environment variable {var} is not set",
+                        p.name
+                    )
+                })?),
+                (None, None, Some(path)) => Some(
+                    std::fs::read_to_string(path)
+                        .map_err(|e| format!("provider {:?}: {}: {e}", p.name, path.display()))?
+                        .trim()
+                        .to_owned(),
+                ),
+                (None, None, None) => None,
+            };
+            let settings = ProviderSettings {
+                name: p.name.clone(),
+                base_url: p.base_url.clone(),
+                api_key,
+                timeout: std::time::Duration::from_millis(p.timeout_ms),
+                max_retries: p.max_retries,
+                retry_base: std::time::Duration::from_millis(p.retry_base_ms),
+                retry_max: std::time::Duration::from_secs(30),
+                max_concurrency: p.max_concurrency,
+            };
+            providers
+                .push(Provider::new(settings).map_err(|e| format!("provider {:?}: {e}", p.name))?);
+        }
+        let routes = catalog
+            .models()
+            .iter()
+            .map(|m| Route {
+                model: m.id.clone(),
+                provider: m.provider.clone(),
+                fallback: m.fallback.clone(),
+            })
+            .collect();
+        Ok(Services {
+            providers: Providers::new(providers, routes),
+            catalog,
+        })
+    }
+}

@@ -421,15 +421,8 @@ impl Provider {
 fn api_root(base_url: &str) -> Result<String, String> {
     let url = Url::parse(base_url.trim()).map_err(|e| format!("bad base_url {base_url:?}: {e}"))?;
     match url.scheme() {
-        "http" => {}
-        // reqwest is built without a TLS backend (see the workspace Cargo.toml): an https URL
-        // could never connect, so say so now rather than retry connection errors later.
-        "https" => {
-            return Err(format!(
-                "base_url {base_url:?} is https, but this build has no TLS support; use an http \
-                 URL (for example a local TLS-terminating proxy)"
-            ));
-        }
+        // TLS is rustls with the Mozilla roots (reqwest's `rustls-tls`).
+        "http" | "https" => {}
         other => {
             return Err(format!(
                 "base_url {base_url:?} has unsupported scheme {other:?}"
@@ -843,7 +836,10 @@ mod tests {
             api_root("http://proxy.local/openai/v1").as_deref(),
             Ok("http://proxy.local/openai")
         );
-        assert!(api_root("https://api.openai.com").is_err());
+        assert_eq!(
+            api_root("https://api.openai.com/v1/").as_deref(),
+            Ok("https://api.openai.com")
+        );
         assert!(api_root("ftp://host").is_err());
         assert!(api_root("http://host/?a=b").is_err());
         assert!(api_root("not a url").is_err());
@@ -879,6 +875,9 @@ mod tests {
         assert!(matches!(Provider::new(zero), Err(AiError::Rejected(_))));
         let mut https = settings;
         https.base_url = "https://api.openai.com/v1".into();
-        assert!(matches!(Provider::new(https), Err(AiError::Rejected(_))));
+        assert!(
+            Provider::new(https).is_ok(),
+            "https providers are supported"
+        );
     }
 }

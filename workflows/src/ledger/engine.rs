@@ -252,11 +252,16 @@ impl Batch {
                     replayed: false,
                 })
             }
-            Op::Settle { id, amount, owner } => {
+            Op::Settle {
+                id,
+                amount,
+                owner,
+                clamp,
+            } => {
                 let r = self.reservation(id, owner.as_deref())?;
                 match r.state() {
                     // The same settlement again changes nothing; another amount is refused.
-                    ResState::Settled if amount.is_none() || *amount == r.settled => {
+                    ResState::Settled if *clamp || amount.is_none() || *amount == r.settled => {
                         return Ok(Done::Reservation {
                             reservation: r,
                             transfers: Vec::new(),
@@ -275,7 +280,10 @@ impl Batch {
                     }
                     ResState::Pending => {}
                 }
-                let charge = amount.unwrap_or(r.amount);
+                let mut charge = amount.unwrap_or(r.amount);
+                if *clamp {
+                    charge = charge.clamp(0, r.amount);
+                }
                 if charge < 0 || charge > r.amount {
                     return Err(LedgerError::Invalid(format!(
                         "the settled amount must be between 0 and the reserved {} credits; got {charge}",

@@ -235,6 +235,9 @@ pub enum Op {
         id: String,
         amount: Option<i64>,
         owner: Option<String>,
+        /// Charge at most what is held (a job's actual usage may exceed its estimate: the
+        /// reservation is the most it can cost). Without it, more than held is refused.
+        clamp: bool,
     },
     /// Returns all held credits. Releasing a released or expired reservation changes nothing.
     Release {

@@ -1,0 +1,219 @@
+//! Conversations: a user message becomes a `chat` job that holds the estimated credits, asks the
+//! model, stores the reply and settles what the reply actually used.
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    routing::{get, post},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tally_workflows::{
+    ai::{self, ModelKind, tokens},
+    chat,
+    jobs::NewJob,
+};
+
+use crate::{
+    AppState,
+    auth::Caller,
+    error::ApiError,
+    extract::{ApiJson, ApiQuery, parse_id},
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/chat/conversations", post(create).get(list))
+        .route("/v1/chat/conversations/{id}", get(show))
+        .route("/v1/chat/conversations/{id}/messages", post(ask))
+}
+
+/// Longest message a user may send, in characters.
+const MAX_CONTENT: usize = 100_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    title: Option<String>,
+    model: Option<String>,
+}
+
+fn chat_model<'a>(state: &'a AppState, id: Option<&str>) -> Result<&'a ai::Model, ApiError> {
+    match id {
+        Some(id) => match state.catalog.get(id) {
+            Some(m) if m.kind == ModelKind::Chat => Ok(m),
+            _ => Err(ApiError::invalid(format!(
+                "{id:?} is not a chat model; see GET /v1/models"
+            ))),
+        },
+        None => state
+            .catalog
+            .first(ModelKind::Chat)
+            .ok_or_else(|| ApiError::invalid("no chat model is configured")),
+    }
+}
+
+async fn create(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    ApiJson(body): ApiJson<CreateBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let title = body.title.unwrap_or_else(|| "New conversation".to_owned());
+    if title.trim().is_empty() || title.chars().count() > 200 || title.chars().any(char::is_control)
+    {
+        return Err(ApiError::invalid(
+            "title must be 1 to 200 characters, without control characters",
+        ));
+    }
+    let preferred = ai::preferences(&state.db, &user.id).await?.chat_model;
+    let model = chat_model(&state, body.model.as_deref().or(preferred.as_deref()))?;
+    let c = chat::create(&state.db, &user.id, title.trim(), &model.id).await?;
+    Ok((StatusCode::CREATED, Json(c.view())))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    ApiQuery(p): ApiQuery<ListParams>,
+) -> Result<Json<Value>, ApiError> {
+    let before = match &p.cursor {
+        Some(c) => {
+            Some(parse_id(c).ok_or_else(|| ApiError::bad_request("cursor must be a next_cursor"))?)
+        }
+        None => None,
+    };
+    let (rows, next) = chat::list(
+        &state.db,
+        &user.id,
+        before.as_deref(),
+        p.limit.unwrap_or(50),
+    )
+    .await?;
+    Ok(Json(json!({
+        "conversations": rows.iter().map(chat::Conversation::view).collect::<Vec<_>>(),
+        "next_cursor": next,
+    })))
+}
+
+async fn own(state: &AppState, raw: &str, user_id: &str) -> Result<chat::Conversation, ApiError> {
+    let id = parse_id(raw).ok_or_else(|| {
+        ApiError::bad_request(format!("{raw:?} is not a conversation id (ids are UUIDs)"))
+    })?;
+    chat::get(&state.db, &id, user_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no conversation with this id"))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let c = own(&state, &id, &user.id).await?;
+    let messages = chat::messages(&state.db, &c.id).await?;
+    let mut view = c.view();
+    view["messages"] = messages.iter().map(chat::Message::view).collect();
+    Ok(Json(view))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AskBody {
+    content: String,
+    model: Option<String>,
+    max_tokens: Option<u32>,
+    temperature: Option<f64>,
+}
+
+async fn ask(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<AskBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let c = own(&state, &id, &user.id).await?;
+    if body.content.trim().is_empty() || body.content.chars().count() > MAX_CONTENT {
+        return Err(ApiError::invalid(format!(
+            "content must be 1 to {MAX_CONTENT} characters"
+        )));
+    }
+    let prefs = ai::preferences(&state.db, &user.id).await?;
+    let model = chat_model(&state, Some(body.model.as_deref().unwrap_or(&c.model)))?;
+    let max_tokens = body
+        .max_tokens
+        .or(prefs.max_tokens)
+        .unwrap_or(state.cfg.ai.default_max_tokens);
+    if max_tokens == 0 || max_tokens > 1_000_000 {
+        return Err(ApiError::invalid(
+            "max_tokens must be between 1 and 1000000",
+        ));
+    }
+    let temperature = body.temperature.or(prefs.temperature);
+    if let Some(t) = temperature
+        && !(0.0..=2.0).contains(&t)
+    {
+        return Err(ApiError::invalid("temperature must be between 0 and 2"));
+    }
+    // The estimate, by the rule GET /v1/models/estimate-cost shows: the whole history goes to
+    // the model.
+    let history = chat::messages(&state.db, &c.id).await?;
+    let input = tokens::count_messages(
+        history
+            .iter()
+            .map(|m| m.content.as_str())
+            .chain([body.content.as_str()]),
+    );
+    if model.context_window > 0 && input + u64::from(max_tokens) > u64::from(model.context_window) {
+        return Err(ApiError::invalid(format!(
+            "the conversation ({input} tokens) plus {max_tokens} output tokens exceeds {}'s context window of {}",
+            model.id, model.context_window
+        )));
+    }
+    let estimate = model.chat_cost(input, u64::from(max_tokens));
+    let key = crate::credits::idempotency_key(&headers)?;
+    let job_input = json!({
+        "conversation_id": c.id,
+        "model": model.id,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+    });
+    let request = json!({ "conversation": c.id, "content": body.content, "input": job_input });
+    let new = NewJob {
+        user_id: user.id.clone(),
+        kind: "chat".to_owned(),
+        queue: "ai",
+        input: job_input,
+        priority: 0,
+        run_at_ms: None,
+        max_attempts: state.cfg.jobs.default_max_attempts,
+        idempotency_key: key,
+        request_hash: hex(&Sha256::digest(request.to_string().as_bytes())),
+        price: estimate,
+    };
+    let (message, job) = chat::ask(&state.db, &c, &body.content, new).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "job_id": job.id,
+            "status": job.status,
+            "conversation_id": c.id,
+            "message": message.view(),
+            "model": model.id,
+            "estimate": { "input_tokens": input, "max_output_tokens": max_tokens, "credits": estimate },
+        })),
+    ))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

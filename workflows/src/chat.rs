@@ -1,0 +1,230 @@
+//! Conversations. A user message is stored in the same transaction as the `chat` job that
+//! answers it (which holds the estimated credits); the job stores the reply under an id derived
+//! from itself, so a rerun never adds a second reply.
+
+use serde_json::{Value, json};
+
+use crate::{
+    Db, DbError,
+    db::Tx,
+    jobs::{self, Job, JobError, NewJob},
+    now_ms, rfc3339, with_pool, with_tx,
+};
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Conversation {
+    pub id: String,
+    pub user_id: String,
+    pub title: String,
+    pub model: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Message {
+    pub id: String,
+    pub conversation_id: String,
+    pub role: String,
+    pub content: String,
+    pub job_id: Option<String>,
+    pub model: Option<String>,
+    pub provider: Option<String>,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub created_at: i64,
+}
+
+const CONVERSATION_COLUMNS: &str = "id, user_id, title, model, created_at, updated_at";
+const MESSAGE_COLUMNS: &str = "id, conversation_id, role, content, job_id, model, provider, \
+    input_tokens, output_tokens, created_at";
+
+impl Conversation {
+    pub fn view(&self) -> Value {
+        json!({
+            "id": self.id,
+            "title": self.title,
+            "model": self.model,
+            "created_at": rfc3339(self.created_at),
+            "updated_at": rfc3339(self.updated_at),
+        })
+    }
+}
+
+impl Message {
+    pub fn view(&self) -> Value {
+        json!({
+            "id": self.id,
+            "role": self.role,
+            "content": self.content,
+            "job_id": self.job_id,
+            "model": self.model,
+            "provider": self.provider,
+            "usage": self.input_tokens.map(|i| json!({
+                "input_tokens": i,
+                "output_tokens": self.output_tokens,
+            })),
+            "created_at": rfc3339(self.created_at),
+        })
+    }
+}
+
+pub async fn create(
+    db: &Db,
+    user_id: &str,
+    title: &str,
+    model: &str,
+) -> Result<Conversation, DbError> {
+    let now = now_ms();
+    let c = Conversation {
+        id: uuid::Uuid::now_v7().to_string(),
+        user_id: user_id.to_owned(),
+        title: title.to_owned(),
+        model: model.to_owned(),
+        created_at: now,
+        updated_at: now,
+    };
+    let sql = "INSERT INTO ai_conversations (id, user_id, title, model, created_at, updated_at) \
+        VALUES ($1, $2, $3, $4, $5, $6)";
+    with_pool!(db, pool => {
+        sqlx::query(sql).bind(&c.id).bind(&c.user_id).bind(&c.title).bind(&c.model)
+            .bind(c.created_at).bind(c.updated_at).execute(pool).await?;
+    });
+    Ok(c)
+}
+
+/// The conversation, if it is this user's.
+pub async fn get(db: &Db, id: &str, user_id: &str) -> Result<Option<Conversation>, DbError> {
+    let sql = format!(
+        "SELECT {CONVERSATION_COLUMNS} FROM ai_conversations WHERE id = $1 AND user_id = $2"
+    );
+    let c: Option<Conversation> = with_pool!(db, pool => {
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).bind(user_id).fetch_optional(pool).await?
+    });
+    Ok(c)
+}
+
+/// The user's conversations, newest first; `before` is the previous page's last id.
+pub async fn list(
+    db: &Db,
+    user_id: &str,
+    before: Option<&str>,
+    limit: u32,
+) -> Result<(Vec<Conversation>, Option<String>), DbError> {
+    let limit = i64::from(limit.clamp(1, 200));
+    let sql = format!(
+        "SELECT {CONVERSATION_COLUMNS} FROM ai_conversations WHERE user_id = $1 \
+         AND ($2 IS NULL OR id < $2) ORDER BY id DESC LIMIT $3"
+    );
+    let mut rows: Vec<Conversation> = with_pool!(db, pool => {
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(user_id).bind(before).bind(limit + 1).fetch_all(pool).await?
+    });
+    let next = if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().map(|c| c.id.clone())
+    } else {
+        None
+    };
+    Ok((rows, next))
+}
+
+/// A conversation's messages, oldest first.
+pub async fn messages(db: &Db, conversation_id: &str) -> Result<Vec<Message>, DbError> {
+    let sql = format!(
+        "SELECT {MESSAGE_COLUMNS} FROM ai_messages WHERE conversation_id = $1 ORDER BY created_at, id"
+    );
+    let rows: Vec<Message> = with_pool!(db, pool => {
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(conversation_id).fetch_all(pool).await?
+    });
+    Ok(rows)
+}
+
+/// Stores the user's message and submits the job that answers it, in one transaction: a
+/// refused job (402) leaves no message behind.
+pub async fn ask(
+    db: &Db,
+    conversation: &Conversation,
+    content: &str,
+    job: NewJob,
+) -> Result<(Message, Job), JobError> {
+    let mut tx = db.begin().await?;
+    let (job, _) = jobs::submit_in(&mut tx, vec![job])
+        .await?
+        .pop()
+        .unwrap_or_else(|| Err(JobError::Conflict("no job was submitted".to_owned())))?;
+    let now = now_ms();
+    let message = Message {
+        id: format!("{}:user", job.id),
+        conversation_id: conversation.id.clone(),
+        role: "user".to_owned(),
+        content: content.to_owned(),
+        job_id: Some(job.id.clone()),
+        model: None,
+        provider: None,
+        input_tokens: None,
+        output_tokens: None,
+        created_at: now,
+    };
+    insert(&mut tx, &message).await?;
+    tx.commit().await?;
+    Ok((message, job))
+}
+
+async fn insert(tx: &mut Tx, m: &Message) -> Result<(), DbError> {
+    let sql = format!(
+        "INSERT INTO ai_messages ({MESSAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         ON CONFLICT (id) DO NOTHING"
+    );
+    with_tx!(tx, conn => {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&m.id).bind(&m.conversation_id).bind(&m.role).bind(&m.content).bind(&m.job_id)
+            .bind(&m.model).bind(&m.provider).bind(m.input_tokens).bind(m.output_tokens).bind(m.created_at)
+            .execute(&mut *conn).await?;
+        sqlx::query("UPDATE ai_conversations SET updated_at = $2 WHERE id = $1")
+            .bind(&m.conversation_id).bind(m.created_at).execute(&mut *conn).await?;
+    });
+    Ok(())
+}
+
+/// The conversation as a model sees it when answering `job_id`'s question: every message
+/// before (and including) that question. Replies to later questions are left out.
+pub async fn history_for(
+    db: &Db,
+    conversation_id: &str,
+    job_id: &str,
+) -> Result<Vec<Message>, DbError> {
+    let all = messages(db, conversation_id).await?;
+    let question = format!("{job_id}:user");
+    let end = all
+        .iter()
+        .position(|m| m.id == question)
+        .map(|i| i + 1)
+        .ok_or_else(|| {
+            DbError::Corrupt(format!("job {job_id} has no question in its conversation"))
+        })?;
+    Ok(all
+        .into_iter()
+        .take(end)
+        .filter(|m| m.role != "assistant" || m.job_id.as_deref() != Some(job_id))
+        .collect())
+}
+
+/// Stores a model's reply to `job_id` (once, whatever the number of attempts).
+pub async fn store_reply(
+    db: &Db,
+    conversation_id: &str,
+    job_id: &str,
+    reply: Message,
+) -> Result<(), DbError> {
+    let m = Message {
+        id: format!("{job_id}:reply"),
+        conversation_id: conversation_id.to_owned(),
+        role: "assistant".to_owned(),
+        job_id: Some(job_id.to_owned()),
+        created_at: now_ms(),
+        ..reply
+    };
+    let mut tx = db.begin().await?;
+    insert(&mut tx, &m).await?;
+    tx.commit().await
+}
