@@ -12,14 +12,7 @@ use axum::{Json, Router, extract::State, http::StatusCode as AxumStatus, routing
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, Options, TestApp, assert_problem};
-
-async fn json_of(resp: reqwest::Response, status: StatusCode) -> Value {
-    let got = resp.status();
-    let body = resp.text().await.expect("body");
-    assert_eq!(got, status, "body: {body}");
-    serde_json::from_str(&body).expect("JSON body")
-}
+use crate::helpers::{Backend, Options, TestApp, assert_problem, json_of};
 
 async fn offline_conversation(backend: Backend) {
     let Some(app) = TestApp::spawn(backend).await else {

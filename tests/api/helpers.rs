@@ -367,6 +367,14 @@ impl TestApp {
     }
 }
 
+/// Asserts the response's status and returns its JSON body.
+pub async fn json_of(resp: Response, status: StatusCode) -> Value {
+    let got = resp.status();
+    let body = resp.text().await.expect("body");
+    assert_eq!(got, status, "body: {body}");
+    serde_json::from_str(&body).expect("JSON body")
+}
+
 /// Asserts a problem+json response with `status`, and returns its body.
 pub async fn assert_problem(resp: Response, status: StatusCode) -> Value {
     let got = resp.status();

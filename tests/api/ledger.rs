@@ -8,20 +8,13 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tally_ledger::{Hash, merkle, note};
 
-use crate::helpers::{Backend, Options, TestApp, assert_problem, scratch_dir, tally};
+use crate::helpers::{Backend, Options, TestApp, assert_problem, json_of, scratch_dir, tally};
 
 fn b64(v: &Value) -> Hash {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(v.as_str().expect("base64 string"))
         .expect("base64");
     bytes.try_into().expect("32 bytes")
-}
-
-async fn json_of(resp: reqwest::Response, status: StatusCode) -> Value {
-    let got = resp.status();
-    let body = resp.text().await.expect("body");
-    assert_eq!(got, status, "body: {body}");
-    serde_json::from_str(&body).expect("JSON body")
 }
 
 async fn credits_flow(backend: Backend) {
