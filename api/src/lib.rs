@@ -4,7 +4,7 @@
 //! - [`error`]: [`ApiError`], the one error type; every 4xx/5xx is `application/problem+json`.
 //! - [`extract`]: JSON, query and path extractors whose rejections answer in that format.
 //! - [`auth`]: bearer API keys → [`Caller`]; admin-only routes take [`Admin`].
-//! - [`jobs`], [`chat`], [`credits`], [`ledger`], [`models`], [`users`], [`health`]: one router per area, merged in
+//! - [`jobs`], [`chat`], [`images`], [`credits`], [`ledger`], [`models`], [`users`], [`health`]: one router per area, merged in
 //!   [`router`].
 
 pub mod auth;
@@ -13,6 +13,7 @@ pub mod credits;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod images;
 pub mod jobs;
 pub mod ledger;
 pub mod models;
@@ -97,6 +98,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ledger::router())
         .merge(models::router())
         .merge(chat::router())
+        .merge(images::router())
         .merge(users::router())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

@@ -113,6 +113,10 @@ pub fn test_config(url: &str, overrides: &[(&str, Value)]) -> Config {
     let mut o: BTreeMap<String, toml::Value> = BTreeMap::new();
     o.insert("database_url".into(), toml::Value::String(url.to_owned()));
     o.insert("worker.poll_ms".into(), toml::Value::Integer(25));
+    o.insert(
+        "data_dir".into(),
+        toml::Value::String(scratch_dir().display().to_string()),
+    );
     o.insert("worker.lease_secs".into(), toml::Value::Integer(3));
     o.insert(
         "worker.shutdown_timeout_secs".into(),

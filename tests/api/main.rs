@@ -7,6 +7,7 @@ mod helpers;
 mod auth;
 mod chat;
 mod cli;
+mod images;
 mod inputs;
 mod jobs;
 mod ledger;

@@ -112,7 +112,7 @@ impl WorkerPool {
                 async move { jobs::finish_many(&db, &name, &holders, &items, pause).await }
             })
         };
-        let ai = crate::ai::Services::from_config(&self.cfg.ai)
+        let ai = crate::ai::Services::from_config(&self.cfg.ai, self.cfg.image_dir())
             .map_err(|e| DbError::Queue(format!("AI providers: {e}")))?;
         let rt = Arc::new(Runtime {
             ai,

@@ -62,6 +62,8 @@ pub struct AiConfig {
     pub models: Vec<ModelConfig>,
     /// Output tokens a chat request may produce when neither it nor the user's preferences say.
     pub default_max_tokens: u32,
+    /// Where generated images are stored; defaults to `<data_dir>/images`.
+    pub image_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -258,6 +260,7 @@ impl Default for Config {
                 providers: Vec::new(),
                 models: Vec::new(),
                 default_max_tokens: 512,
+                image_dir: None,
             },
         }
     }
@@ -438,6 +441,14 @@ impl Config {
             Some(url) => url.expose().to_owned(),
             None => format!("sqlite://{}", self.data_dir.join("tally.db").display()),
         }
+    }
+
+    /// The folder generated images are stored in.
+    pub fn image_dir(&self) -> PathBuf {
+        self.ai
+            .image_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("images"))
     }
 
     /// The credits a job of `kind` costs.

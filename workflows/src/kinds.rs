@@ -35,6 +35,11 @@ pub const KINDS: &[KindSpec] = &[
         queue: "ai",
         public: false,
     },
+    KindSpec {
+        name: "image",
+        queue: "ai",
+        public: false,
+    },
 ];
 
 /// The longest a `sleep` job may ask for.
@@ -75,6 +80,18 @@ pub fn validate_input(kind: &str, input: &Value) -> Result<(), String> {
                 || !obj.get("max_tokens").is_some_and(Value::is_u64)
             {
                 return Err("chat needs conversation_id, model and max_tokens".into());
+            }
+            Ok(())
+        }
+        "image" => {
+            let obj = input.as_object().ok_or("image takes an object")?;
+            only_fields(obj, &["prompt", "model", "size", "n", "user_id"])?;
+            if !obj.get("prompt").is_some_and(Value::is_string)
+                || !obj.get("model").is_some_and(Value::is_string)
+                || !obj.get("size").is_some_and(Value::is_string)
+                || !obj.get("n").is_some_and(Value::is_u64)
+            {
+                return Err("image needs prompt, model, size and n".into());
             }
             Ok(())
         }

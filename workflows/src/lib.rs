@@ -7,6 +7,7 @@
 //! - [`config`]: the effective configuration (defaults, TOML file, `TALLY_*` environment, flags).
 //! - [`db`]: one connection pool on SQLite or Postgres, migrations, readiness; dialect
 //!   differences live here and nowhere else.
+//! - [`images`]: generated images: rows here, bytes in the image folder.
 //! - [`jobs`]: job records and their states; submission commits the record and its queue task in
 //!   one transaction.
 //! - [`kinds`]: the job kinds the platform knows, their queues and input validation.
@@ -20,6 +21,7 @@ pub mod batch;
 pub mod chat;
 pub mod config;
 pub mod db;
+pub mod images;
 pub mod jobs;
 pub mod kinds;
 pub mod ledger;

@@ -107,16 +107,22 @@ pub struct ImageReply {
 pub struct Services {
     pub providers: Providers,
     pub catalog: tally_workflows::ai::Catalog,
+    /// Where generated images are written.
+    pub image_dir: std::path::PathBuf,
 }
 
 impl Services {
     /// The configured providers and models; with none configured, the offline provider.
-    pub fn from_config(cfg: &tally_workflows::config::AiConfig) -> Result<Services, String> {
+    pub fn from_config(
+        cfg: &tally_workflows::config::AiConfig,
+        image_dir: std::path::PathBuf,
+    ) -> Result<Services, String> {
         let catalog = tally_workflows::ai::Catalog::from_config(cfg)?;
         if cfg.providers.is_empty() {
             return Ok(Services {
                 providers: Providers::offline(),
                 catalog,
+                image_dir,
             });
         }
         let mut providers = Vec::with_capacity(cfg.providers.len());
@@ -162,6 +168,7 @@ impl Services {
         Ok(Services {
             providers: Providers::new(providers, routes),
             catalog,
+            image_dir,
         })
     }
 }

@@ -3,6 +3,7 @@
 mod chat;
 mod echo;
 mod fail;
+mod image;
 mod sleep;
 
 use serde_json::Value;
@@ -26,6 +27,7 @@ pub async fn run(
         "sleep" => plain(sleep::run(input, ctx).await),
         "fail" => plain(fail::run(input, ctx).await),
         "chat" => chat::run(input, ctx, ai).await,
+        "image" => image::run(input, ctx, ai).await,
         other => Err(JobFailure::Fatal(format!(
             "this worker does not know job kind {other:?}"
         ))),

@@ -1,0 +1,99 @@
+//! `image`: generates images, writes their bytes to the image folder and records them. File
+//! names and ids derive from the job, so a rerun rewrites the same files and adds no rows. The
+//! job's cost is the number of images actually made, at the model's price.
+
+use serde_json::{Value, json};
+use tally_workflows::images::{self, Image};
+
+use crate::{
+    ai::{AiError, ImageRequest, Services},
+    context::{JobContext, JobFailure},
+};
+
+pub async fn run(
+    input: Value,
+    ctx: &mut JobContext,
+    ai: &Services,
+) -> Result<(Value, Option<i64>), JobFailure> {
+    let field = |name: &str| {
+        input
+            .get(name)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| JobFailure::Fatal(format!("image input has no {name}")))
+    };
+    let (prompt, model_id, size, user_id) = (
+        field("prompt")?,
+        field("model")?,
+        field("size")?,
+        field("user_id")?,
+    );
+    let n = input
+        .get("n")
+        .and_then(Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| JobFailure::Fatal("image input has no n".to_owned()))?;
+    let model = ai.catalog.get(&model_id).ok_or_else(|| {
+        JobFailure::Fatal(format!("model {model_id:?} is no longer in the catalog"))
+    })?;
+    ctx.checkpoint().await?;
+    let request = ImageRequest {
+        model: model_id.clone(),
+        prompt: prompt.clone(),
+        size: size.clone(),
+        n,
+    };
+    let reply = match ai.providers.image(&request).await {
+        Ok(reply) => reply,
+        Err(AiError::Retryable(e)) => return Err(JobFailure::Retryable(e)),
+        Err(e @ (AiError::Rejected(_) | AiError::NoProvider(_))) => {
+            return Err(JobFailure::Fatal(e.to_string()));
+        }
+    };
+    let ext = match reply.content_type.as_str() {
+        "image/jpeg" => "jpg",
+        "image/webp" => "webp",
+        "image/gif" => "gif",
+        _ => "png",
+    };
+    tokio::fs::create_dir_all(&ai.image_dir)
+        .await
+        .map_err(|e| JobFailure::Retryable(format!("{}: {e}", ai.image_dir.display())))?;
+    let mut made = Vec::with_capacity(reply.images.len());
+    for (i, bytes) in reply.images.iter().enumerate() {
+        let id = Image::id_for(ctx.job_id(), i);
+        let file = format!("{id}.{ext}");
+        // Write then rename: a reader never sees half an image.
+        let tmp = ai.image_dir.join(format!(".{file}.tmp"));
+        let path = ai.image_dir.join(&file);
+        tokio::fs::write(&tmp, bytes)
+            .await
+            .map_err(|e| JobFailure::Retryable(format!("{}: {e}", tmp.display())))?;
+        tokio::fs::rename(&tmp, &path)
+            .await
+            .map_err(|e| JobFailure::Retryable(format!("{}: {e}", path.display())))?;
+        made.push(Image {
+            id,
+            user_id: user_id.clone(),
+            job_id: ctx.job_id().to_owned(),
+            model: model_id.clone(),
+            provider: reply.provider.clone(),
+            prompt: prompt.clone(),
+            size: size.clone(),
+            content_type: reply.content_type.clone(),
+            bytes: bytes.len() as i64,
+            file,
+            created_at: 0,
+        });
+    }
+    images::record(ctx.db(), &made).await?;
+    let credits = model.image_cost(u32::try_from(made.len()).unwrap_or(u32::MAX));
+    Ok((
+        json!({
+            "images": made.iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
+            "provider": reply.provider,
+            "credits": credits,
+        }),
+        Some(credits),
+    ))
+}
