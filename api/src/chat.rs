@@ -11,9 +11,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tally_workflows::{
+    agents,
     ai::{self, ModelKind, tokens},
     chat,
-    jobs::NewJob,
+    jobs::{self, NewJob},
 };
 
 use crate::{
@@ -28,6 +29,8 @@ pub fn router() -> Router<AppState> {
         .route("/v1/chat/conversations", post(create).get(list))
         .route("/v1/chat/conversations/{id}", get(show))
         .route("/v1/chat/conversations/{id}/messages", post(ask))
+        .route("/v1/chat/agent-tasks", post(create_task))
+        .route("/v1/chat/agent-tasks/{id}", get(show_task))
 }
 
 /// Longest message a user may send, in characters.
@@ -216,4 +219,102 @@ async fn ask(
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskBody {
+    goal: String,
+    /// The step budget: the plan has at most this many steps (1 to 10, default 3).
+    max_steps: Option<u32>,
+    model: Option<String>,
+    /// Output tokens each step may use (default 256).
+    max_tokens: Option<u32>,
+}
+
+async fn create_task(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<TaskBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if body.goal.trim().is_empty() || body.goal.chars().count() > 4000 {
+        return Err(ApiError::invalid("goal must be 1 to 4000 characters"));
+    }
+    let max_steps = body.max_steps.unwrap_or(3);
+    if !(1..=10).contains(&max_steps) {
+        return Err(ApiError::invalid("max_steps must be between 1 and 10"));
+    }
+    let max_tokens = body.max_tokens.unwrap_or(256);
+    if !(1..=100_000).contains(&max_tokens) {
+        return Err(ApiError::invalid("max_tokens must be between 1 and 100000"));
+    }
+    let preferred = ai::preferences(&state.db, &user.id).await?.chat_model;
+    let model = chat_model(&state, body.model.as_deref().or(preferred.as_deref()))?;
+    // Each step holds its own estimate when it runs; nothing is held for the task itself.
+    let input = json!({ "max_tokens": max_tokens });
+    let request =
+        json!({ "goal": body.goal, "max_steps": max_steps, "model": model.id, "input": input });
+    let new = NewJob {
+        user_id: user.id.clone(),
+        kind: "agent".to_owned(),
+        queue: "ai",
+        input,
+        priority: 0,
+        run_at_ms: None,
+        max_attempts: state.cfg.jobs.default_max_attempts,
+        idempotency_key: crate::credits::idempotency_key(&headers)?,
+        request_hash: hex(&Sha256::digest(request.to_string().as_bytes())),
+        price: 0,
+    };
+    let (task, job) = agents::create(
+        &state.db,
+        &user.id,
+        body.goal.trim(),
+        &model.id,
+        max_steps,
+        new,
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "id": task.id,
+            "job_id": job.id,
+            "status": job.status,
+            "goal": task.goal,
+            "model": task.model,
+            "max_steps": task.max_steps,
+        })),
+    ))
+}
+
+async fn show_task(
+    State(state): State<AppState>,
+    Caller(user): Caller,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&raw).ok_or_else(|| {
+        ApiError::bad_request(format!("{raw:?} is not a task id (ids are UUIDs)"))
+    })?;
+    let job = jobs::get(&state.db, &id, &user).await?;
+    let task = agents::get(&state.db, &id)
+        .await?
+        .filter(|_| job.kind == "agent")
+        .ok_or_else(|| ApiError::not_found("no agent task with this id"))?;
+    let steps = agents::steps(&state.db, &id).await?;
+    let cost = tally_workflows::ledger::job_cost(&state.db, &id).await?;
+    let job_view = job.view();
+    Ok(Json(json!({
+        "id": task.id,
+        "goal": task.goal,
+        "model": task.model,
+        "max_steps": task.max_steps,
+        "status": job.status,
+        "progress": job_view["progress"],
+        "result": job_view["result"],
+        "error": job.error,
+        "steps": steps.iter().map(agents::Step::view).collect::<Vec<_>>(),
+        "cost": cost,
+    })))
 }

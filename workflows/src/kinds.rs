@@ -40,6 +40,11 @@ pub const KINDS: &[KindSpec] = &[
         queue: "ai",
         public: false,
     },
+    KindSpec {
+        name: "agent",
+        queue: "ai",
+        public: false,
+    },
 ];
 
 /// The longest a `sleep` job may ask for.
@@ -93,6 +98,11 @@ pub fn validate_input(kind: &str, input: &Value) -> Result<(), String> {
             {
                 return Err("image needs prompt, model, size and n".into());
             }
+            Ok(())
+        }
+        "agent" => {
+            let obj = input.as_object().ok_or("agent takes an object")?;
+            only_fields(obj, &["max_tokens"])?;
             Ok(())
         }
         "fail" => {

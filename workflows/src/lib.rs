@@ -1,6 +1,7 @@
 //! Tally's domain and storage.
 //!
 //! # Layout
+//! - [`agents`]: agent tasks and their durable, individually paid steps.
 //! - [`ai`]: the model catalog, prices, token estimates and users' model preferences.
 //! - [`batch`]: group commit: many callers' writes in one statement and one transaction.
 //! - [`chat`]: conversations and their messages; a question and its job commit together.
@@ -16,6 +17,7 @@
 //! - [`retry`]: the backoff rule that decides when a failed attempt runs again.
 //! - [`users`]: users, roles and hashed API keys.
 
+pub mod agents;
 pub mod ai;
 pub mod batch;
 pub mod chat;

@@ -1,5 +1,6 @@
 //! One file per job kind. A kind takes its input and a [`JobContext`] and returns its result.
 
+mod agent;
 mod chat;
 mod echo;
 mod fail;
@@ -28,6 +29,7 @@ pub async fn run(
         "fail" => plain(fail::run(input, ctx).await),
         "chat" => chat::run(input, ctx, ai).await,
         "image" => image::run(input, ctx, ai).await,
+        "agent" => agent::run(input, ctx, ai).await,
         other => Err(JobFailure::Fatal(format!(
             "this worker does not know job kind {other:?}"
         ))),
