@@ -472,7 +472,13 @@ async fn bind(cfg: &Config) -> Result<tokio::net::TcpListener, CliError> {
 
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     init_tracing();
-    let cfg = Config::load(cli.config.as_deref(), cli.overrides())?;
+    let mut cfg = Config::load(cli.config.as_deref(), cli.overrides())?;
+    if matches!(
+        cli.command,
+        Command::Dev { .. } | Command::Serve { .. } | Command::Work { .. }
+    ) {
+        tally_workers::ai::discover_models(&mut cfg.ai).await;
+    }
     match cli.command {
         Command::Config => {
             print!("{}", cfg.redacted_toml());

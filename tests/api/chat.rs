@@ -344,4 +344,91 @@ async fn provider_usage_refusals_and_fallback(backend: Backend) {
     app.stop().await;
 }
 
-crate::both_backends!(offline_conversation, provider_usage_refusals_and_fallback);
+/// A provider that never answers in time, and one that answers garbage: after the adapter's
+/// retries and the job's attempts the job is dead and holds nothing.
+async fn hangs_and_garbage_release_the_credits(backend: Backend) {
+    let router = Router::new()
+        .route(
+            "/slow/v1/chat/completions",
+            post(|| async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                "too late"
+            }),
+        )
+        .route("/junk/v1/chat/completions", post(|| async { "{not json" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    let opts = Options {
+        overrides: vec![
+            (
+                "ai.providers",
+                json!([
+                    { "name": "slow", "base_url": format!("{url}/slow"), "timeout_ms": 200, "max_retries": 1, "retry_base_ms": 10 },
+                    { "name": "junk", "base_url": format!("{url}/junk"), "max_retries": 1, "retry_base_ms": 10 }
+                ]),
+            ),
+            (
+                "ai.models",
+                json!([
+                    { "id": "slow-chat", "provider": "slow", "kind": "chat", "input_per_1k": 5, "output_per_1k": 5 },
+                    { "id": "junk-chat", "provider": "junk", "kind": "chat", "input_per_1k": 5, "output_per_1k": 5 }
+                ]),
+            ),
+            ("jobs.default_max_attempts", json!(2)),
+        ],
+        ..Default::default()
+    };
+    let Some(app) = TestApp::spawn_with(backend, opts).await else {
+        return;
+    };
+    let key = app.user_key.clone();
+    app.grant(&app.user_id, 100).await;
+    for (model, says) in [("slow-chat", "timed out"), ("junk-chat", "not json")] {
+        let c = json_of(
+            app.post(&key, "/v1/chat/conversations", json!({ "model": model }))
+                .await,
+            StatusCode::CREATED,
+        )
+        .await;
+        let path = format!(
+            "/v1/chat/conversations/{}/messages",
+            c["id"].as_str().expect("id")
+        );
+        let asked = json_of(
+            app.post(
+                &key,
+                &path,
+                json!({ "content": "hello?", "max_tokens": 10 }),
+            )
+            .await,
+            StatusCode::ACCEPTED,
+        )
+        .await;
+        let job = app
+            .wait_for(
+                asked["job_id"].as_str().expect("id"),
+                &["dead"],
+                Duration::from_secs(30),
+            )
+            .await;
+        assert_eq!(job["attempts"], 2, "{job}");
+        assert!(
+            job["error"].as_str().unwrap_or_default().contains(says),
+            "{model}: {job}"
+        );
+        assert_eq!(job["cost"]["settled"], 0);
+        assert_eq!(app.balance(&key).await, (100, 0), "{model}: released");
+    }
+    app.stop().await;
+}
+
+crate::both_backends!(
+    offline_conversation,
+    provider_usage_refusals_and_fallback,
+    hangs_and_garbage_release_the_credits
+);

@@ -474,3 +474,61 @@ async fn ai_platform_variables_configure_one_provider() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("ai:") && err.contains("base_url"), "{err}");
 }
+
+#[tokio::test]
+async fn the_platform_provider_lists_the_catalog() {
+    use axum::{Json, Router, routing::get};
+    let router = Router::new().route(
+        "/v1/models",
+        get(|| async {
+            Json(serde_json::json!({ "object": "list", "data": [
+                { "id": "llama3", "object": "model" },
+                { "id": "flux-schnell", "object": "model" }
+            ] }))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let provider = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    let dir = scratch_dir();
+    let db = format!("sqlite://{}", dir.join("t.db").display());
+    assert_eq!(
+        output(tally().arg("migrate").env("DATABASE_URL", &db))
+            .await
+            .0,
+        0
+    );
+    let mut serve = tally()
+        .args(["serve", "--addr", "127.0.0.1:0"])
+        .env("DATABASE_URL", &db)
+        .env("TALLY_ADMIN_KEY", "tly_catalog")
+        .env("AI_PLATFORM_BASE_URL", &provider)
+        .env("AI_PLATFORM_API_KEY", "sk-test")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(serve.stdout.take().unwrap()).lines();
+    let base = address(&line_starting(&mut lines, "Tally API is listening").await);
+    let list: Value = reqwest::Client::new()
+        .get(format!("{base}/v1/models"))
+        .bearer_auth("tly_catalog")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let models = list["models"].as_array().expect("models");
+    assert_eq!(models.len(), 2, "{list}");
+    assert_eq!(models[0]["id"], "llama3");
+    assert_eq!(models[0]["kind"], "chat");
+    assert_eq!(models[0]["provider"], "platform");
+    assert_eq!(models[0]["prices"]["input_per_1k_tokens"], 1);
+    assert_eq!(models[1]["id"], "flux-schnell");
+    assert_eq!(models[1]["kind"], "image");
+    assert_eq!(models[1]["prices"]["per_image"], 5);
+    signal(&serve, "TERM");
+    assert!(serve.wait().await.unwrap().success());
+}

@@ -14,6 +14,12 @@ use crate::{
 /// The provider name of the built-in offline models.
 pub const OFFLINE: &str = "offline";
 
+/// Prices of models discovered from a provider's `GET /v1/models` (the offline models' too):
+/// credits per 1,000 input and output tokens, and per image.
+pub const DEFAULT_INPUT_PER_1K: i64 = 1;
+pub const DEFAULT_OUTPUT_PER_1K: i64 = 2;
+pub const DEFAULT_IMAGE_PRICE: i64 = 5;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelKind {
@@ -142,8 +148,8 @@ impl Catalog {
                     id: "offline-chat".to_owned(),
                     provider: OFFLINE.to_owned(),
                     kind: ModelKind::Chat,
-                    input_per_1k: 1,
-                    output_per_1k: 2,
+                    input_per_1k: DEFAULT_INPUT_PER_1K,
+                    output_per_1k: DEFAULT_OUTPUT_PER_1K,
                     per_image: 0,
                     context_window: 8192,
                     fallback: None,
@@ -154,7 +160,7 @@ impl Catalog {
                     kind: ModelKind::Image,
                     input_per_1k: 0,
                     output_per_1k: 0,
-                    per_image: 5,
+                    per_image: DEFAULT_IMAGE_PRICE,
                     context_window: 0,
                     fallback: None,
                 },

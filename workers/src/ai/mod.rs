@@ -172,3 +172,54 @@ impl Services {
         })
     }
 }
+
+/// When providers are configured but no models are, each provider's `GET /v1/models` list
+/// becomes the catalog, at the default prices (`tally_workflows::ai::DEFAULT_*`). A model whose
+/// id names an image model (`image`, `dall-e`, `flux`, `stable-diffusion`) is an image model;
+/// the rest chat. A provider that cannot be read is skipped with a warning, so an outage at
+/// start does not keep the process down; its models appear at the next start.
+pub async fn discover_models(cfg: &mut tally_workflows::config::AiConfig) {
+    use tally_workflows::ai::{DEFAULT_IMAGE_PRICE, DEFAULT_INPUT_PER_1K, DEFAULT_OUTPUT_PER_1K};
+    if cfg.providers.is_empty() || !cfg.models.is_empty() {
+        return;
+    }
+    let services = match Services::from_config(cfg, std::path::PathBuf::new()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "AI providers could not be set up; no models discovered");
+            return;
+        }
+    };
+    for p in &cfg.providers {
+        let Some(provider) = services.providers.provider(&p.name) else {
+            continue;
+        };
+        match provider.models().await {
+            Ok(ids) => {
+                tracing::info!(provider = %p.name, models = ids.len(), "models discovered");
+                for id in ids {
+                    if cfg.models.iter().any(|m| m.id == id) {
+                        continue;
+                    }
+                    let lower = id.to_ascii_lowercase();
+                    let image = ["image", "dall-e", "flux", "stable-diffusion"]
+                        .iter()
+                        .any(|w| lower.contains(w));
+                    cfg.models.push(tally_workflows::config::ModelConfig {
+                        id,
+                        provider: p.name.clone(),
+                        kind: if image { "image" } else { "chat" }.to_owned(),
+                        input_per_1k: if image { 0 } else { DEFAULT_INPUT_PER_1K },
+                        output_per_1k: if image { 0 } else { DEFAULT_OUTPUT_PER_1K },
+                        per_image: if image { DEFAULT_IMAGE_PRICE } else { 0 },
+                        context_window: 8192,
+                        fallback: None,
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::warn!(provider = %p.name, error = %e, "could not list the provider's models")
+            }
+        }
+    }
+}

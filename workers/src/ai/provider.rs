@@ -676,6 +676,11 @@ impl Providers {
     }
 
     /// Whether some provider serves `model` (for chat or images).
+    /// The configured provider with this name.
+    pub fn provider(&self, name: &str) -> Option<&Provider> {
+        self.providers.get(name)
+    }
+
     pub fn serves(&self, model: &str) -> bool {
         self.routes.contains_key(model)
             || model == offline::CHAT_MODEL
