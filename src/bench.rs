@@ -1,6 +1,7 @@
 //! `tally bench`: for each backend, enqueue N `echo` jobs (batched, one transaction per batch),
 //! drain them with K `tally work` processes, then measure job submission through the HTTP API.
-//! `tally bench --ledger` measures the ledger instead (see `bench_ledger`).
+//! `tally bench --ledger` measures the ledger instead (see `bench_ledger`), `tally bench --ai`
+//! chat jobs end to end (see `bench_ai`).
 //! Figures are printed; nothing is asserted.
 
 use std::{
@@ -54,6 +55,9 @@ pub struct BenchArgs {
     /// Measure the ledger (signed transfers/s, entries verified/s) instead of jobs.
     #[arg(long)]
     pub ledger: bool,
+    /// Measure chat jobs end to end (submit, run, store, settle) with an instant provider.
+    #[arg(long, conflicts_with = "ledger")]
+    pub ai: bool,
     /// With --ledger: transfers per scenario.
     #[arg(long, default_value_t = 20_000)]
     pub transfers: usize,
@@ -129,6 +133,9 @@ pub(crate) async fn fresh_database(backend: &str, args: &BenchArgs) -> Result<Fr
 pub async fn run(cfg: Config, args: BenchArgs) -> Result<(), CliError> {
     if args.ledger {
         return crate::bench_ledger::run(cfg, args).await;
+    }
+    if args.ai {
+        return crate::bench_ai::run(cfg, args).await;
     }
     if args.jobs == 0 || args.workers == 0 {
         return Err(CliError::usage("--jobs and --workers must be at least 1"));

@@ -2,6 +2,7 @@
 //! database and runs one mode; every long-running mode stops on SIGTERM or Ctrl-C.
 
 mod bench;
+mod bench_ai;
 mod bench_ledger;
 mod cli;
 

@@ -1,0 +1,295 @@
+//! `tally bench --ai`: chat jobs end to end with a provider that answers at once (an
+//! OpenAI-compatible server on loopback): submitted over HTTP, run by `tally work` processes,
+//! the reply stored and the usage settled. Prints chat jobs completed per second under load,
+//! and the platform's own time per job (submit to succeeded, one job at a time) at the median.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{Json, Router, routing::post};
+use serde_json::{Value, json};
+use tally_api::AppState;
+use tally_workflows::{
+    Db, chat,
+    config::{Config, ModelConfig, ProviderConfig},
+    jobs::{self, Status},
+    ledger::{self, Op, TransferSpec, log::Keys},
+    users::{self, Role},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{bench::BenchArgs, cli::CliError};
+
+/// Questions asked in one conversation (its history grows with each).
+const PER_CONVERSATION: usize = 10;
+
+pub async fn run(cfg: Config, args: BenchArgs) -> Result<(), CliError> {
+    if args.jobs == 0 || args.workers == 0 || args.http_connections == 0 {
+        return Err(CliError::usage(
+            "--jobs, --workers and --http-connections must be at least 1",
+        ));
+    }
+    println!(
+        "tally bench --ai: {} chat jobs over HTTP from {} connections, {} worker processes; provider on loopback answers at once",
+        args.jobs, args.http_connections, args.workers
+    );
+    println!(
+        "{:<9} {:>14} {:>20} {:>20}",
+        "backend", "chat jobs/s", "overhead p50 ms", "overhead p99 ms"
+    );
+    let provider = instant_provider().await?;
+    for backend in &args.backends {
+        let fresh = crate::bench::fresh_database(backend, &args).await?;
+        let result = bench_backend(&cfg, &args, &fresh.url, &provider).await;
+        fresh.drop_database(&args).await;
+        let (per_s, p50, p99) = result?;
+        println!("{backend:<9} {per_s:>14.0} {p50:>20.2} {p99:>20.2}");
+    }
+    Ok(())
+}
+
+/// An OpenAI-compatible chat endpoint that answers at once.
+async fn instant_provider() -> Result<String, CliError> {
+    let reply = Arc::new(json!({
+        "id": "bench", "object": "chat.completion", "model": "bench-chat",
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": "ok" }, "finish_reason": "stop" }],
+        "usage": { "prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22 },
+    }));
+    let router = Router::new().route(
+        "/v1/chat/completions",
+        post(move |Json(_): Json<Value>| {
+            let reply = reply.clone();
+            async move { Json((*reply).clone()) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    Ok(url)
+}
+
+async fn bench_backend(
+    base_cfg: &Config,
+    args: &BenchArgs,
+    url: &str,
+    provider: &str,
+) -> Result<(f64, f64, f64), CliError> {
+    let mut cfg = base_cfg.clone();
+    cfg.ai.providers = vec![ProviderConfig {
+        name: "bench".to_owned(),
+        base_url: provider.to_owned(),
+        api_key: None,
+        api_key_env: None,
+        api_key_file: None,
+        timeout_ms: 10_000,
+        max_retries: 2,
+        retry_base_ms: 50,
+        max_concurrency: 512,
+    }];
+    cfg.ai.models = vec![ModelConfig {
+        id: "bench-chat".to_owned(),
+        provider: "bench".to_owned(),
+        kind: "chat".to_owned(),
+        input_per_1k: 1,
+        output_per_1k: 1,
+        per_image: 0,
+        context_window: 1_000_000,
+        fallback: None,
+    }];
+    let db = Db::connect(url, 32).await?;
+    db.migrate().await?;
+    let user = users::create(&db, "bench@tally.local", Role::User, None).await?;
+    let grant = Op::Transfer(TransferSpec {
+        id: "bench/grant".to_owned(),
+        debit: tally_ledger::accounts::GRANTS.to_owned(),
+        credit: tally_ledger::accounts::available(&user.id),
+        amount: 1_000_000_000,
+        kind: "grant".to_owned(),
+        user_id: Some(user.id.clone()),
+        reservation_id: None,
+        job_id: None,
+        memo: None,
+    });
+    ledger::run_one(&db, grant)
+        .await
+        .map_err(|e| CliError::other(e.to_string()))?;
+    let conversations = args.jobs.div_ceil(PER_CONVERSATION) + 200 / PER_CONVERSATION + 1;
+    let mut ids = Vec::with_capacity(conversations);
+    for _ in 0..conversations {
+        ids.push(chat::create(&db, &user.id, "bench", "bench-chat").await?.id);
+    }
+
+    // The worker processes read the provider from a config file.
+    let dir =
+        std::env::temp_dir().join(format!("tally-bench-ai-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("tally.toml");
+    #[derive(serde::Serialize)]
+    struct File<'a> {
+        ai: &'a tally_workflows::config::AiConfig,
+    }
+    let ai = toml::to_string(&File { ai: &cfg.ai }).map_err(|e| CliError::other(e.to_string()))?;
+    std::fs::write(&file, ai)?;
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for _ in 0..args.workers {
+        children.push(
+            tokio::process::Command::new(&exe)
+                .args([
+                    "work",
+                    "--queues",
+                    "ai",
+                    "--concurrency",
+                    &args.concurrency.to_string(),
+                ])
+                .env("DATABASE_URL", url)
+                .env("TALLY_CONFIG", &file)
+                .env("TALLY_WORKER__BATCH_SIZE", args.batch.to_string())
+                .env("TALLY_WORKER__POLL_MS", "5")
+                .env(
+                    "TALLY_LOG",
+                    std::env::var("TALLY_BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .stdout(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?,
+        );
+    }
+
+    // The API in this process.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let stop = CancellationToken::new();
+    let keys = Keys::load(&cfg.ledger, None).map_err(CliError::usage)?;
+    let state = AppState::new(db.clone(), cfg.clone(), keys);
+    let server = tokio::spawn(tally_api::serve(
+        listener,
+        state,
+        stop.clone().cancelled_owned(),
+    ));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.http_connections)
+        .build()
+        .map_err(|e| CliError::other(e.to_string()))?;
+
+    // The platform's own time per job: one at a time, submit to succeeded.
+    let mut latencies = Vec::new();
+    for i in 0..200 {
+        let conversation = &ids[args.jobs.div_ceil(PER_CONVERSATION) + i / PER_CONVERSATION];
+        let started = Instant::now();
+        let id = ask(&client, &base, &user.api_key, conversation).await?;
+        loop {
+            let job = jobs::get(
+                &db,
+                &id,
+                &users::User {
+                    id: user.id.clone(),
+                    email: user.email.clone(),
+                    role: Role::User,
+                },
+            )
+            .await
+            .map_err(|e| CliError::other(e.to_string()))?;
+            if job.status() == Status::Succeeded {
+                break;
+            }
+            if job.status().is_terminal() || started.elapsed() > Duration::from_secs(30) {
+                return Err(CliError::other(format!(
+                    "bench chat job {id} ended {}",
+                    job.status
+                )));
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let p50 = latencies[latencies.len() / 2];
+    let p99 = latencies[latencies.len() * 99 / 100];
+
+    // Throughput: N questions from C connections, until every job has succeeded.
+    let before = jobs::count_by_status(&db, Status::Succeeded).await? as usize;
+    let started = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..args.http_connections {
+        let (client, base, key, ids, next) = (
+            client.clone(),
+            base.clone(),
+            user.api_key.clone(),
+            ids.clone(),
+            next.clone(),
+        );
+        let n = args.jobs;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, CliError>(());
+                }
+                ask(&client, &base, &key, &ids[i / PER_CONVERSATION]).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| CliError::other(e.to_string()))??;
+    }
+    loop {
+        let done = jobs::count_by_status(&db, Status::Succeeded).await? as usize - before;
+        if done >= args.jobs {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            return Err(CliError::other(format!(
+                "stalled at {done} of {} chat jobs",
+                args.jobs
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let per_s = args.jobs as f64 / started.elapsed().as_secs_f64();
+    stop.cancel();
+    let _ = server.await;
+    for child in &children {
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+    for mut child in children {
+        let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    }
+    db.close().await;
+    Ok((per_s, p50, p99))
+}
+
+async fn ask(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    conversation: &str,
+) -> Result<String, CliError> {
+    let resp = client
+        .post(format!(
+            "{base}/v1/chat/conversations/{conversation}/messages"
+        ))
+        .bearer_auth(key)
+        .json(&json!({ "content": "Say ok.", "max_tokens": 5 }))
+        .send()
+        .await
+        .map_err(|e| CliError::other(format!("submit failed: {e}")))?;
+    let status = resp.status();
+    let body: Value = resp
+        .json()
+        .await
+        .map_err(|e| CliError::other(format!("submit answered {status}: {e}")))?;
+    body["job_id"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| CliError::other(format!("submit answered {status}: {body}")))
+}
