@@ -145,11 +145,7 @@ async fn ask(
     ApiJson(body): ApiJson<AskBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let c = own(&state, &id, &user.id).await?;
-    if body.content.trim().is_empty() || body.content.chars().count() > MAX_CONTENT {
-        return Err(ApiError::invalid(format!(
-            "content must be 1 to {MAX_CONTENT} characters"
-        )));
-    }
+    crate::extract::text("content", &body.content, MAX_CONTENT)?;
     let prefs = ai::preferences(&state.db, &user.id).await?;
     let model = chat_model(&state, Some(body.model.as_deref().unwrap_or(&c.model)))?;
     let max_tokens = body
@@ -238,9 +234,7 @@ async fn create_task(
     headers: HeaderMap,
     ApiJson(body): ApiJson<TaskBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    if body.goal.trim().is_empty() || body.goal.chars().count() > 4000 {
-        return Err(ApiError::invalid("goal must be 1 to 4000 characters"));
-    }
+    crate::extract::text("goal", &body.goal, 4000)?;
     let max_steps = body.max_steps.unwrap_or(3);
     if !(1..=10).contains(&max_steps) {
         return Err(ApiError::invalid("max_steps must be between 1 and 10"));

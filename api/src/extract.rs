@@ -87,3 +87,23 @@ impl<S: Send + Sync> FromRequestParts<S> for JobId {
 pub fn parse_id(raw: &str) -> Option<String> {
     uuid::Uuid::parse_str(raw).ok().map(|u| u.to_string())
 }
+
+/// Checks free text a user sends to be stored (a message, a goal, a prompt): 1 to `max`
+/// characters, and no control characters other than line breaks and tabs (Postgres cannot
+/// store NUL at all).
+pub fn text(name: &str, value: &str, max: usize) -> Result<(), crate::ApiError> {
+    if value.trim().is_empty() || value.chars().count() > max {
+        return Err(crate::ApiError::invalid(format!(
+            "{name} must be 1 to {max} characters"
+        )));
+    }
+    if value
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
+        return Err(crate::ApiError::invalid(format!(
+            "{name} must not contain control characters other than line breaks and tabs"
+        )));
+    }
+    Ok(())
+}

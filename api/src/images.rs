@@ -51,10 +51,7 @@ async fn generate(
     headers: HeaderMap,
     ApiJson(body): ApiJson<GenerateBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let chars = body.prompt.chars().count();
-    if body.prompt.trim().is_empty() || chars > 4000 {
-        return Err(ApiError::invalid("prompt must be 1 to 4000 characters"));
-    }
+    crate::extract::text("prompt", &body.prompt, 4000)?;
     let size = body.size.unwrap_or_else(|| "1024x1024".to_owned());
     if !SIZES.contains(&size.as_str()) {
         return Err(ApiError::invalid(format!(

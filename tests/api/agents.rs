@@ -61,6 +61,7 @@ async fn offline_task(backend: Backend) {
     .await;
     for body in [
         json!({ "goal": "" }),
+        json!({ "goal": "a\u{0}" }),
         json!({ "goal": "x", "max_steps": 11 }),
         json!({ "goal": "x", "model": "offline-image" }),
     ] {

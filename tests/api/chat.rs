@@ -110,6 +110,7 @@ async fn offline_conversation(backend: Backend) {
     .await;
     for body in [
         json!({ "content": "" }),
+        json!({ "content": "a\u{0}b" }),
         json!({ "content": "hi", "model": "offline-image" }),
         json!({ "content": "hi", "max_tokens": 0 }),
         json!({ "text": "hi" }),

@@ -112,6 +112,7 @@ async fn offline_images(backend: Backend) {
 
     for body in [
         json!({ "prompt": "" }),
+        json!({ "prompt": "fox\u{0}" }),
         json!({ "prompt": "fox", "size": "7x7" }),
         json!({ "prompt": "fox", "n": 11 }),
         json!({ "prompt": "fox", "model": "offline-chat" }),
