@@ -143,9 +143,11 @@ async fn submit(
 /// its log entry's inclusion proof). A free job costs nothing and needs no lookup.
 async fn with_cost(state: &AppState, job: &Job) -> Result<Value, ApiError> {
     let mut view = job.view();
-    view["cost"] = match &job.reservation_id {
-        None => json!({ "reserved": 0, "settled": 0, "transfers": [] }),
-        Some(_) => tally_workflows::ledger::job_cost(&state.db, &job.id).await?,
+    // An agent task's steps hold and settle their own credits.
+    view["cost"] = if job.reservation_id.is_some() || job.kind == "agent" {
+        tally_workflows::ledger::job_cost(&state.db, &job.id).await?
+    } else {
+        json!({ "reserved": 0, "settled": 0, "transfers": [] })
     };
     Ok(view)
 }

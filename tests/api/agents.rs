@@ -322,7 +322,109 @@ async fn cancel_stops_between_steps(backend: Backend) {
     app.stop().await;
 }
 
+/// A task that died (the provider refused a step) and is retried: every step of the new run
+/// holds and is paid, and the dead run left nothing held.
+async fn retried_dead_task_pays_every_step(backend: Backend) {
+    let refuse = Arc::new(AtomicBool::new(true));
+    let router = {
+        let refuse = refuse.clone();
+        Router::new().route(
+            "/v1/chat/completions",
+            post(move |Json(body): Json<Value>| {
+                let refuse = refuse.clone();
+                async move {
+                    let prompt = body["messages"][0]["content"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    if prompt.starts_with("Plan") {
+                        return (axum::http::StatusCode::OK, Json(reply("buy bread")));
+                    }
+                    if refuse.load(Ordering::SeqCst) {
+                        return (
+                            axum::http::StatusCode::BAD_REQUEST,
+                            Json(json!({ "error": { "message": "not today" } })),
+                        );
+                    }
+                    (axum::http::StatusCode::OK, Json(reply("done")))
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    let opts = Options {
+        overrides: vec![
+            (
+                "ai.providers",
+                json!([{ "name": "p", "base_url": url, "max_retries": 0 }]),
+            ),
+            (
+                "ai.models",
+                json!([{ "id": "agent-model", "provider": "p", "kind": "chat", "input_per_1k": 10, "output_per_1k": 20 }]),
+            ),
+        ],
+        ..Default::default()
+    };
+    let Some(app) = TestApp::spawn_with(backend, opts).await else {
+        return;
+    };
+    let key = app.user_key.clone();
+    app.grant(&app.user_id, 1000).await;
+    let t = json_of(
+        app.post(
+            &key,
+            "/v1/chat/agent-tasks",
+            json!({ "goal": "Picnic", "max_tokens": 100 }),
+        )
+        .await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    let id = t["id"].as_str().expect("id").to_owned();
+    let job = app.wait_for(&id, &["dead"], Duration::from_secs(20)).await;
+    assert!(
+        job["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not today"),
+        "{job}"
+    );
+    assert_eq!(job["cost"]["settled"], 3, "the plan was paid: {job}");
+    assert_eq!(
+        job["cost"]["reserved"], 0,
+        "the refused step's hold went back: {job}"
+    );
+    refuse.store(false, Ordering::SeqCst);
+    let resp = app
+        .post(&key, &format!("/v1/jobs/{id}/retry"), json!({}))
+        .await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    app.wait_for(&id, &["succeeded"], Duration::from_secs(20))
+        .await;
+    let task = json_of(
+        app.get(&key, &format!("/v1/chat/agent-tasks/{id}")).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(task["steps"].as_array().map(Vec::len), Some(3), "{task}");
+    assert_eq!(
+        task["cost"]["settled"],
+        3 * 3,
+        "plan, step and summary, each paid once: {task}"
+    );
+    assert_eq!(task["cost"]["reserved"], 0);
+    assert_eq!(app.balance(&key).await, (1000 - 9, 0));
+    app.stop().await;
+}
+
 crate::both_backends!(
+    retried_dead_task_pays_every_step,
     offline_task,
     killed_task_resumes_without_repaying,
     cancel_stops_between_steps

@@ -36,6 +36,8 @@ pub struct JobContext {
     last_check: Option<Instant>,
     /// Cancelled when this process's shutdown grace period is over.
     interrupt: CancellationToken,
+    /// Unique to this run of the job (attempt numbers start again when a dead job is retried).
+    run_id: String,
 }
 
 /// How often a job may look at the database for a cancel request.
@@ -56,7 +58,13 @@ impl JobContext {
             attempt,
             last_check: None,
             interrupt,
+            run_id: uuid::Uuid::now_v7().simple().to_string(),
         }
+    }
+
+    /// An id unique to this run of the job.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
     }
 
     /// The database this attempt writes to.

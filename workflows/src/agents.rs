@@ -1,6 +1,6 @@
 //! Agent tasks: a goal worked through in durable steps. Each step holds its estimated credits
-//! before it calls the model (reservation `agent:<task>:<step>:<attempt>`, expiring after an
-//! hour so a crashed attempt's hold comes back), and is stored together with the settlement of
+//! before it calls the model (reservation `agent:<task>:<step>:<run>`, where `run` is new for
+//! every run of the task, expiring after an hour so a crashed run's hold comes back), and is stored together with the settlement of
 //! its actual usage in one transaction: a task resumed after a crash skips every stored step,
 //! so no paid step runs twice.
 
@@ -104,8 +104,8 @@ pub async fn steps(db: &Db, task_id: &str) -> Result<Vec<Step>, DbError> {
     Ok(rows)
 }
 
-fn reservation_id(task_id: &str, idx: i32, attempt: u32) -> String {
-    format!("agent:{task_id}:{idx}:{attempt}")
+fn reservation_id(task_id: &str, idx: i32, run: &str) -> String {
+    format!("agent:{task_id}:{idx}:{run}")
 }
 
 /// How long a step's hold lasts if its attempt dies without settling or releasing it.
@@ -116,7 +116,7 @@ pub async fn hold(
     db: &Db,
     task: &Task,
     idx: i32,
-    attempt: u32,
+    run: &str,
     credits: i64,
 ) -> Result<(), LedgerError> {
     if credits <= 0 {
@@ -125,7 +125,7 @@ pub async fn hold(
     ledger::run_one(
         db,
         Op::Reserve {
-            id: reservation_id(&task.id, idx, attempt),
+            id: reservation_id(&task.id, idx, run),
             user_id: task.user_id.clone(),
             amount: credits,
             expires_at: Some(now_ms() + HOLD_MS),
@@ -136,8 +136,9 @@ pub async fn hold(
     .map(|_| ())
 }
 
-/// Stores a finished step and settles what it used, in one transaction.
-pub async fn finish_step(db: &Db, step: &Step, attempt: u32) -> Result<(), DbError> {
+/// Stores a finished step and settles what it used, in one transaction: a step whose hold
+/// cannot be settled is not stored (the run fails and the step runs again, paid).
+pub async fn finish_step(db: &Db, step: &Step, run: &str) -> Result<(), DbError> {
     let mut tx = db.begin().await?;
     let inserted = with_tx!(&mut tx, conn => {
         sqlx::query("INSERT INTO ai_agent_steps (task_id, idx, kind, title, output, provider, input_tokens, \
@@ -150,15 +151,22 @@ pub async fn finish_step(db: &Db, step: &Step, attempt: u32) -> Result<(), DbErr
     });
     if inserted > 0 {
         let settle = Op::Settle {
-            id: reservation_id(&step.task_id, step.idx, attempt),
+            id: reservation_id(&step.task_id, step.idx, run),
             amount: Some(step.credits),
             owner: None,
             clamp: true,
         };
         for answer in ledger::execute(&mut tx, &[settle], now_ms()).await? {
             match answer {
-                Ok(_) | Err(LedgerError::NotFound) => {} // a free step held nothing
-                Err(e) => tracing::error!(error = %e, "an agent step's credits were not settled"),
+                // A free step (0 credits) held nothing.
+                Err(LedgerError::NotFound) if step.credits == 0 => {}
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(DbError::Corrupt(format!(
+                        "agent step {} of task {} could not be settled: {e}",
+                        step.idx, step.task_id
+                    )));
+                }
             }
         }
     }
@@ -166,9 +174,9 @@ pub async fn finish_step(db: &Db, step: &Step, attempt: u32) -> Result<(), DbErr
 }
 
 /// Releases the hold of a step that will not run (the task was cancelled or failed).
-pub async fn release(db: &Db, task_id: &str, idx: i32, attempt: u32) -> Result<(), DbError> {
+pub async fn release(db: &Db, task_id: &str, idx: i32, run: &str) -> Result<(), DbError> {
     let op = Op::Release {
-        id: reservation_id(task_id, idx, attempt),
+        id: reservation_id(task_id, idx, run),
         expired: false,
         owner: None,
     };

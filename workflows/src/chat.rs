@@ -228,3 +228,12 @@ pub async fn store_reply(
     insert(&mut tx, &m).await?;
     tx.commit().await
 }
+
+/// The reply stored for `job_id`, if an attempt got that far.
+pub async fn reply_of(db: &Db, job_id: &str) -> Result<Option<Message>, DbError> {
+    let sql = format!("SELECT {MESSAGE_COLUMNS} FROM ai_messages WHERE id = $1");
+    let m: Option<Message> = with_pool!(db, pool => {
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(format!("{job_id}:reply")).fetch_optional(pool).await?
+    });
+    Ok(m)
+}

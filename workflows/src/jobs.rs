@@ -446,7 +446,7 @@ pub async fn cancel(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
     match job {
         Some(job) => {
             if job.status() == Status::Cancelled {
-                release_holds(&mut tx, std::slice::from_ref(&job.reservation_id), now).await?;
+                release_holds(&mut tx, std::slice::from_ref(&job.id), now).await?;
             }
             tx.commit().await?;
             Ok(job)
@@ -465,24 +465,44 @@ pub async fn cancel(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
 /// Returns the credits held for jobs that ended without success.
 async fn release_holds(
     tx: &mut crate::db::Tx,
-    reservations: &[Option<String>],
+    job_ids: &[String],
     now: i64,
 ) -> Result<(), DbError> {
-    let ops: Vec<Op> = reservations
-        .iter()
-        .flatten()
+    let ops: Vec<Op> = pending_holds(tx, job_ids)
+        .await?
+        .into_iter()
         .map(|id| Op::Release {
-            id: id.clone(),
+            id,
             expired: false,
             owner: None,
         })
         .collect();
     for answer in ledger::execute(tx, &ops, now).await? {
         if let Err(e) = answer {
-            tracing::error!(error = %e, "a job was cancelled but its credits could not be released");
+            tracing::error!(error = %e, "a job ended but its credits could not be released");
         }
     }
     Ok(())
+}
+
+/// Every credit hold still pending for these jobs: the job's own, and any its steps made (an
+/// agent task's) that a run which died mid-step left behind.
+async fn pending_holds(tx: &mut crate::db::Tx, job_ids: &[String]) -> Result<Vec<String>, DbError> {
+    if job_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<String> = with_tx!(tx, conn => {
+        let mut qb = sqlx::QueryBuilder::new(
+            "SELECT id FROM ledger_reservations WHERE state = 'pending' AND job_id IN (",
+        );
+        let mut list = qb.separated(", ");
+        for id in job_ids {
+            list.push_bind(id);
+        }
+        qb.push(") ORDER BY id");
+        qb.build_query_scalar().fetch_all(&mut *conn).await?
+    });
+    Ok(ids)
 }
 
 /// Requeues a dead job with a fresh set of attempts.
@@ -629,7 +649,7 @@ pub async fn claim_many(
         // A cancel that arrived while a job was between attempts or being rescued ends it here,
         // and its credits go back.
         let mut tx = db.begin().await?;
-        let ended: Vec<Option<String>> = with_tx!(&mut tx, conn => {
+        let ended: Vec<String> = with_tx!(&mut tx, conn => {
             let mut qb = sqlx::QueryBuilder::new("UPDATE tally_jobs SET status = 'cancelled', finished_at = ");
             qb.push_bind(now).push(", updated_at = ").push_bind(now).push(
                 " WHERE cancel_requested AND status IN ('queued', 'failed', 'running') AND id IN (",
@@ -638,7 +658,7 @@ pub async fn claim_many(
             for id in &refused {
                 list.push_bind(*id);
             }
-            qb.push(") RETURNING reservation_id");
+            qb.push(") RETURNING id");
             qb.build_query_scalar().fetch_all(&mut *conn).await?
         });
         release_holds(&mut tx, &ended, now).await?;
@@ -846,6 +866,7 @@ pub async fn finish_many(
     let mut pushes = Vec::new();
     let mut applied = std::collections::HashMap::new();
     let mut money = Vec::new();
+    let mut ended = Vec::new();
     let charges: std::collections::HashMap<&str, Option<i64>> =
         finishes.iter().map(|f| (f.id.as_str(), f.charge)).collect();
     for (id, kind, priority, run_at, status, reservation) in updated {
@@ -856,23 +877,28 @@ pub async fn finish_many(
         }
         // The job's credits move in the same transaction as its final state: the settlement's
         // ids derive from the job, so a second delivery or a rerun after a crash moves nothing.
-        if let Some(rid) = reservation {
-            match status {
-                Status::Succeeded => money.push(Op::Settle {
-                    id: rid,
-                    amount: charges.get(id.as_str()).copied().flatten(),
-                    owner: None,
-                    clamp: true,
-                }),
-                Status::Dead | Status::Cancelled => money.push(Op::Release {
-                    id: rid,
-                    expired: false,
-                    owner: None,
-                }),
-                _ => {}
-            }
+        if let Some(rid) = reservation
+            && status == Status::Succeeded
+        {
+            money.push(Op::Settle {
+                id: rid,
+                amount: charges.get(id.as_str()).copied().flatten(),
+                owner: None,
+                clamp: true,
+            });
+        }
+        if matches!(status, Status::Dead | Status::Cancelled) {
+            ended.push(id.clone());
         }
         applied.insert(id, status);
+    }
+    // A job that ended without success gives back every hold it still has.
+    for hold in pending_holds(&mut tx, &ended).await? {
+        money.push(Op::Release {
+            id: hold,
+            expired: false,
+            owner: None,
+        });
     }
     for answer in ledger::execute(&mut tx, &money, now).await? {
         if let Err(e) = answer {

@@ -118,10 +118,13 @@ async fn ask(
     })?;
     let messages = vec![ChatMessage::new("user", prompt)];
     let estimate = model.chat_cost(tokens::count_messages(&messages), u64::from(max_tokens));
-    let attempt = ctx.attempt;
-    agents::hold(ctx.db(), task, idx, attempt, estimate)
+    let run = ctx.run_id().to_owned();
+    agents::hold(ctx.db(), task, idx, &run, estimate)
         .await
-        .map_err(|e| JobFailure::Fatal(format!("step {idx}: {e}")))?;
+        .map_err(|e| match e {
+            tally_workflows::ledger::LedgerError::Db(e) => JobFailure::Db(e),
+            other => JobFailure::Fatal(format!("step {idx}: {other}")),
+        })?;
     let request = ChatRequest {
         model: task.model.clone(),
         messages,
@@ -131,7 +134,7 @@ async fn ask(
     let reply = match ai.providers.chat(&request).await {
         Ok(reply) => reply,
         Err(e) => {
-            agents::release(ctx.db(), &task.id, idx, attempt).await?;
+            agents::release(ctx.db(), &task.id, idx, &run).await?;
             return Err(match e {
                 AiError::Retryable(m) => JobFailure::Retryable(format!("step {idx}: {m}")),
                 other => JobFailure::Fatal(format!("step {idx}: {other}")),
@@ -143,13 +146,17 @@ async fn ask(
         idx,
         kind: kind.to_owned(),
         title: title.to_owned(),
-        output: reply.content,
+        // Postgres cannot store NUL; nothing else is changed.
+        output: reply.content.replace('\0', ""),
         provider: reply.provider,
         input_tokens: i64::try_from(reply.usage.input_tokens).unwrap_or(i64::MAX),
         output_tokens: i64::try_from(reply.usage.output_tokens).unwrap_or(i64::MAX),
-        credits: model.chat_cost(reply.usage.input_tokens, reply.usage.output_tokens),
+        // What is settled: the usage, at most the hold.
+        credits: model
+            .chat_cost(reply.usage.input_tokens, reply.usage.output_tokens)
+            .min(estimate),
         created_at: tally_workflows::now_ms(),
     };
-    agents::finish_step(ctx.db(), &step, attempt).await?;
+    agents::finish_step(ctx.db(), &step, &run).await?;
     Ok(step)
 }

@@ -35,7 +35,30 @@ pub async fn run(
     let model = ai.catalog.get(&model_id).ok_or_else(|| {
         JobFailure::Fatal(format!("model {model_id:?} is no longer in the catalog"))
     })?;
-    let history = chat::history_for(ctx.db(), &conversation, ctx.job_id()).await?;
+    // A reply stored by an earlier attempt that died before finishing: charge it, do not ask
+    // (and pay the provider) again.
+    if let Some(reply) = chat::reply_of(ctx.db(), ctx.job_id()).await? {
+        let (i, o) = (
+            u64::try_from(reply.input_tokens.unwrap_or(0)).unwrap_or(0),
+            u64::try_from(reply.output_tokens.unwrap_or(0)).unwrap_or(0),
+        );
+        let credits = model.chat_cost(i, o);
+        return Ok((
+            json!({
+                "conversation_id": conversation,
+                "message_id": reply.id,
+                "provider": reply.provider,
+                "usage": { "input_tokens": i, "output_tokens": o },
+                "credits": credits,
+            }),
+            Some(credits),
+        ));
+    }
+    let history = match chat::history_for(ctx.db(), &conversation, ctx.job_id()).await {
+        Ok(h) => h,
+        Err(tally_workflows::DbError::Corrupt(why)) => return Err(JobFailure::Fatal(why)),
+        Err(e) => return Err(e.into()),
+    };
     ctx.checkpoint().await?;
     let request = ChatRequest {
         model: model_id.clone(),
@@ -59,7 +82,8 @@ pub async fn run(
         id: String::new(),
         conversation_id: conversation.clone(),
         role: "assistant".to_owned(),
-        content: reply.content,
+        // Postgres cannot store NUL; nothing else is changed.
+        content: reply.content.replace('\0', ""),
         job_id: None,
         model: Some(reply.model),
         provider: Some(reply.provider.clone()),

@@ -36,6 +36,20 @@ pub async fn run(
     let model = ai.catalog.get(&model_id).ok_or_else(|| {
         JobFailure::Fatal(format!("model {model_id:?} is no longer in the catalog"))
     })?;
+    // Images an earlier attempt stored before it died: charge them, do not generate (and pay
+    // the provider) again.
+    let stored = images::of_job(ctx.db(), ctx.job_id()).await?;
+    if !stored.is_empty() {
+        let credits = model.image_cost(u32::try_from(stored.len()).unwrap_or(u32::MAX));
+        return Ok((
+            json!({
+                "images": stored.iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
+                "provider": stored[0].provider,
+                "credits": credits,
+            }),
+            Some(credits),
+        ));
+    }
     ctx.checkpoint().await?;
     let request = ImageRequest {
         model: model_id.clone(),
