@@ -199,7 +199,12 @@ async fn ask(
         request_hash: hex(&Sha256::digest(request.to_string().as_bytes())),
         price: estimate,
     };
-    let (message, job) = chat::ask(&state.db, &c, &body.content, new).await?;
+    let question = chat::Question {
+        conversation_id: c.id.clone(),
+        content: body.content.clone(),
+        job: new,
+    };
+    let (message, job) = state.questions.call(question).await??;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({

@@ -42,6 +42,11 @@ pub struct AppState {
     pub cfg: Arc<Config>,
     /// Submissions from all concurrent requests, group-committed.
     pub submissions: Batcher<NewJob, Result<(Job, bool), JobError>>,
+    /// Chat questions from all concurrent requests, group-committed with their jobs.
+    pub questions: Batcher<
+        tally_workflows::chat::Question,
+        Result<(tally_workflows::chat::Message, Job), JobError>,
+    >,
     /// Ledger operations from all concurrent requests, group-committed.
     pub ledger: tally_workflows::ledger::Writer,
     /// The ledger's signing key (if this process signs) and trusted public keys.
@@ -71,6 +76,16 @@ impl AppState {
             })
         };
         let ledger = tally_workflows::ledger::Writer::spawn(&db, LEDGER_SHARDS, MAX_SUBMIT_BATCH);
+        let questions = {
+            let db = db.clone();
+            Batcher::spawn(
+                MAX_SUBMIT_BATCH,
+                move |qs: Vec<tally_workflows::chat::Question>| {
+                    let db = db.clone();
+                    async move { tally_workflows::chat::ask_many(&db, qs).await }
+                },
+            )
+        };
         // The configuration was validated with the same rule, so this cannot fail here; if it
         // did, the offline models are the safe catalog (they never reach the network).
         let catalog = tally_workflows::ai::Catalog::from_config(&cfg.ai)
@@ -80,6 +95,7 @@ impl AppState {
             catalog: Arc::new(catalog),
             cfg: Arc::new(cfg),
             submissions,
+            questions,
             ledger,
             ledger_keys: Arc::new(ledger_keys),
             keys: Arc::default(),

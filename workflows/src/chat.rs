@@ -139,35 +139,75 @@ pub async fn messages(db: &Db, conversation_id: &str) -> Result<Vec<Message>, Db
     Ok(rows)
 }
 
-/// Stores the user's message and submits the job that answers it, in one transaction: a
-/// refused job (402) leaves no message behind.
-pub async fn ask(
+/// A user's question, with the job that will answer it.
+#[derive(Debug, Clone)]
+pub struct Question {
+    pub conversation_id: String,
+    pub content: String,
+    pub job: NewJob,
+}
+
+/// Stores each question and submits the job that answers it, all in one transaction (the API
+/// group-commits concurrent questions): a refused job (402) leaves no message behind. Each
+/// question gets its own answer.
+pub async fn ask_many(
     db: &Db,
-    conversation: &Conversation,
-    content: &str,
-    job: NewJob,
-) -> Result<(Message, Job), JobError> {
+    questions: Vec<Question>,
+) -> Result<Vec<Result<(Message, Job), JobError>>, DbError> {
     let mut tx = db.begin().await?;
-    let (job, _) = jobs::submit_in(&mut tx, vec![job])
-        .await?
-        .pop()
-        .unwrap_or_else(|| Err(JobError::Conflict("no job was submitted".to_owned())))?;
+    let jobs = questions.iter().map(|q| q.job.clone()).collect();
+    let submitted = jobs::submit_in(&mut tx, jobs).await?;
     let now = now_ms();
-    let message = Message {
-        id: format!("{}:user", job.id),
-        conversation_id: conversation.id.clone(),
-        role: "user".to_owned(),
-        content: content.to_owned(),
-        job_id: Some(job.id.clone()),
-        model: None,
-        provider: None,
-        input_tokens: None,
-        output_tokens: None,
-        created_at: now,
-    };
-    insert(&mut tx, &message).await?;
+    let mut out = Vec::with_capacity(questions.len());
+    let mut messages = Vec::new();
+    for (q, answer) in questions.into_iter().zip(submitted) {
+        out.push(answer.map(|(job, _)| {
+            let message = Message {
+                id: format!("{}:user", job.id),
+                conversation_id: q.conversation_id,
+                role: "user".to_owned(),
+                content: q.content,
+                job_id: Some(job.id.clone()),
+                model: None,
+                provider: None,
+                input_tokens: None,
+                output_tokens: None,
+                created_at: now,
+            };
+            messages.push(message.clone());
+            (message, job)
+        }));
+    }
+    insert_many(&mut tx, &messages).await?;
     tx.commit().await?;
-    Ok((message, job))
+    Ok(out)
+}
+
+async fn insert_many(tx: &mut Tx, ms: &[Message]) -> Result<(), DbError> {
+    for chunk in ms.chunks(500) {
+        if chunk.is_empty() {
+            continue;
+        }
+        with_tx!(tx, conn => {
+            let mut qb = sqlx::QueryBuilder::new(format!("INSERT INTO ai_messages ({MESSAGE_COLUMNS}) "));
+            qb.push_values(chunk, |mut b, m| {
+                b.push_bind(&m.id).push_bind(&m.conversation_id).push_bind(&m.role).push_bind(&m.content)
+                    .push_bind(&m.job_id).push_bind(&m.model).push_bind(&m.provider)
+                    .push_bind(m.input_tokens).push_bind(m.output_tokens).push_bind(m.created_at);
+            });
+            qb.push(" ON CONFLICT (id) DO NOTHING");
+            qb.build().execute(&mut *conn).await?;
+            let mut qb = sqlx::QueryBuilder::new("UPDATE ai_conversations SET updated_at = ");
+            qb.push_bind(chunk[0].created_at).push(" WHERE id IN (");
+            let mut list = qb.separated(", ");
+            for m in chunk {
+                list.push_bind(&m.conversation_id);
+            }
+            qb.push(")");
+            qb.build().execute(&mut *conn).await?;
+        });
+    }
+    Ok(())
 }
 
 async fn insert(tx: &mut Tx, m: &Message) -> Result<(), DbError> {
