@@ -112,8 +112,18 @@ impl WorkerPool {
                 async move { jobs::finish_many(&db, &name, &holders, &items, pause).await }
             })
         };
-        let ai = crate::ai::Services::from_config(&self.cfg.ai, self.cfg.image_dir())
+        let mut ai = crate::ai::Services::from_config(&self.cfg.ai, self.cfg.image_dir())
             .map_err(|e| DbError::Queue(format!("AI providers: {e}")))?;
+        ai.replies = Some({
+            let db = self.db.clone();
+            Batcher::spawn(
+                MAX_BATCH,
+                move |replies: Vec<tally_workflows::chat::Message>| {
+                    let db = db.clone();
+                    async move { tally_workflows::chat::store_replies(&db, replies).await }
+                },
+            )
+        });
         let rt = Arc::new(Runtime {
             ai,
             db: self.db.clone(),

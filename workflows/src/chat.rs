@@ -210,22 +210,6 @@ async fn insert_many(tx: &mut Tx, ms: &[Message]) -> Result<(), DbError> {
     Ok(())
 }
 
-async fn insert(tx: &mut Tx, m: &Message) -> Result<(), DbError> {
-    let sql = format!(
-        "INSERT INTO ai_messages ({MESSAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-         ON CONFLICT (id) DO NOTHING"
-    );
-    with_tx!(tx, conn => {
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(&m.id).bind(&m.conversation_id).bind(&m.role).bind(&m.content).bind(&m.job_id)
-            .bind(&m.model).bind(&m.provider).bind(m.input_tokens).bind(m.output_tokens).bind(m.created_at)
-            .execute(&mut *conn).await?;
-        sqlx::query("UPDATE ai_conversations SET updated_at = $2 WHERE id = $1")
-            .bind(&m.conversation_id).bind(m.created_at).execute(&mut *conn).await?;
-    });
-    Ok(())
-}
-
 /// The conversation as a model sees it when answering `job_id`'s question: every message
 /// before (and including) that question. Replies to later questions are left out.
 pub async fn history_for(
@@ -250,23 +234,24 @@ pub async fn history_for(
 }
 
 /// Stores a model's reply to `job_id` (once, whatever the number of attempts).
-pub async fn store_reply(
-    db: &Db,
-    conversation_id: &str,
-    job_id: &str,
-    reply: Message,
-) -> Result<(), DbError> {
-    let m = Message {
+/// The stored form of a model's reply to `job_id`.
+pub fn reply_message(conversation_id: &str, job_id: &str, reply: Message) -> Message {
+    Message {
         id: format!("{job_id}:reply"),
         conversation_id: conversation_id.to_owned(),
         role: "assistant".to_owned(),
         job_id: Some(job_id.to_owned()),
         created_at: now_ms(),
         ..reply
-    };
+    }
+}
+
+/// Stores replies (from [`reply_message`]) in one transaction; a reply already stored is kept.
+pub async fn store_replies(db: &Db, replies: Vec<Message>) -> Result<Vec<()>, DbError> {
     let mut tx = db.begin().await?;
-    insert(&mut tx, &m).await?;
-    tx.commit().await
+    insert_many(&mut tx, &replies).await?;
+    tx.commit().await?;
+    Ok(vec![(); replies.len()])
 }
 
 /// The reply stored for `job_id`, if an attempt got that far.

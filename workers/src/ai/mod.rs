@@ -109,6 +109,8 @@ pub struct Services {
     pub catalog: tally_workflows::ai::Catalog,
     /// Where generated images are written.
     pub image_dir: std::path::PathBuf,
+    /// Chat replies of all this process's attempts, group-committed (set by the worker pool).
+    pub replies: Option<tally_workflows::batch::Batcher<tally_workflows::chat::Message, ()>>,
 }
 
 impl Services {
@@ -123,6 +125,7 @@ impl Services {
                 providers: Providers::offline(),
                 catalog,
                 image_dir,
+                replies: None,
             });
         }
         let mut providers = Vec::with_capacity(cfg.providers.len());
@@ -169,6 +172,7 @@ impl Services {
             providers: Providers::new(providers, routes),
             catalog,
             image_dir,
+            replies: None,
         })
     }
 }

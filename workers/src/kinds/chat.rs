@@ -91,7 +91,13 @@ pub async fn run(
         output_tokens: i64::try_from(output_tokens).ok(),
         created_at: 0,
     };
-    chat::store_reply(ctx.db(), &conversation, ctx.job_id(), stored).await?;
+    let stored = chat::reply_message(&conversation, ctx.job_id(), stored);
+    match &ai.replies {
+        Some(batch) => batch.call(stored).await?,
+        None => chat::store_replies(ctx.db(), vec![stored])
+            .await
+            .map(|_| ())?,
+    }
     Ok((
         json!({
             "conversation_id": conversation,
