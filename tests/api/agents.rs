@@ -114,14 +114,7 @@ async fn start(s: Scripted) -> String {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
-    url
+    crate::helpers::serve_router(router).await
 }
 
 async fn killed_task_resumes_without_repaying(backend: Backend) {
@@ -351,13 +344,7 @@ async fn retried_dead_task_pays_every_step(backend: Backend) {
             }),
         )
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
+    let url = crate::helpers::serve_router(router).await;
     let opts = Options {
         overrides: vec![
             (

@@ -156,17 +156,10 @@ async fn completions(
 }
 
 async fn start(script: Script) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
     let app = Router::new()
         .route("/v1/chat/completions", post(completions))
         .with_state(script);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    url
+    crate::helpers::serve_router(app).await
 }
 
 fn completion(content: &str, prompt: u64, completion: u64) -> (u16, Value) {
@@ -357,13 +350,7 @@ async fn hangs_and_garbage_release_the_credits(backend: Backend) {
             }),
         )
         .route("/junk/v1/chat/completions", post(|| async { "{not json" }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
+    let url = crate::helpers::serve_router(router).await;
     let opts = Options {
         overrides: vec![
             (

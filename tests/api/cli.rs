@@ -487,11 +487,7 @@ async fn the_platform_provider_lists_the_catalog() {
             ] }))
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let provider = format!("http://{}/v1", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
+    let provider = format!("{}/v1", crate::helpers::serve_router(router).await);
     let dir = scratch_dir();
     let db = format!("sqlite://{}", dir.join("t.db").display());
     assert_eq!(

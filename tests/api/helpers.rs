@@ -464,3 +464,16 @@ pub async fn spawn_worker(
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, name)
 }
+
+/// Serves `router` on a fresh loopback port (a stand-in for an outside service); returns its
+/// base URL.
+pub async fn serve_router(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    url
+}

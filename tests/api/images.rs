@@ -151,13 +151,7 @@ async fn provider_images_settle_what_was_made(backend: Backend) {
             async move { Json((*reply).clone()) }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
+    let url = crate::helpers::serve_router(router).await;
     let opts = Options {
         overrides: vec![
             (
