@@ -9,7 +9,6 @@ use axum::{
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tally_workflows::{
     agents,
     ai::{self, ModelKind, tokens},
@@ -22,6 +21,7 @@ use crate::{
     auth::Caller,
     error::ApiError,
     extract::{ApiJson, ApiQuery, parse_id},
+    models::pick,
 };
 
 pub fn router() -> Router<AppState> {
@@ -43,21 +43,6 @@ struct CreateBody {
     model: Option<String>,
 }
 
-fn chat_model<'a>(state: &'a AppState, id: Option<&str>) -> Result<&'a ai::Model, ApiError> {
-    match id {
-        Some(id) => match state.catalog.get(id) {
-            Some(m) if m.kind == ModelKind::Chat => Ok(m),
-            _ => Err(ApiError::invalid(format!(
-                "{id:?} is not a chat model; see GET /v1/models"
-            ))),
-        },
-        None => state
-            .catalog
-            .first(ModelKind::Chat)
-            .ok_or_else(|| ApiError::invalid("no chat model is configured")),
-    }
-}
-
 async fn create(
     State(state): State<AppState>,
     Caller(user): Caller,
@@ -71,7 +56,11 @@ async fn create(
         ));
     }
     let preferred = ai::preferences(&state.db, &user.id).await?.chat_model;
-    let model = chat_model(&state, body.model.as_deref().or(preferred.as_deref()))?;
+    let model = pick(
+        &state.catalog,
+        ModelKind::Chat,
+        body.model.as_deref().or(preferred.as_deref()),
+    )?;
     let c = chat::create(&state.db, &user.id, title.trim(), &model.id).await?;
     Ok((StatusCode::CREATED, Json(c.view())))
 }
@@ -147,7 +136,11 @@ async fn ask(
     let c = own(&state, &id, &user.id).await?;
     crate::extract::text("content", &body.content, MAX_CONTENT)?;
     let prefs = ai::preferences(&state.db, &user.id).await?;
-    let model = chat_model(&state, Some(body.model.as_deref().unwrap_or(&c.model)))?;
+    let model = pick(
+        &state.catalog,
+        ModelKind::Chat,
+        Some(body.model.as_deref().unwrap_or(&c.model)),
+    )?;
     let max_tokens = body
         .max_tokens
         .or(prefs.max_tokens)
@@ -179,7 +172,7 @@ async fn ask(
         )));
     }
     let estimate = model.chat_cost(input, u64::from(max_tokens));
-    let key = crate::credits::idempotency_key(&headers)?;
+    let key = crate::extract::idempotency_key(&headers)?;
     let job_input = json!({
         "conversation_id": c.id,
         "model": model.id,
@@ -196,7 +189,7 @@ async fn ask(
         run_at_ms: None,
         max_attempts: state.cfg.jobs.default_max_attempts,
         idempotency_key: key,
-        request_hash: hex(&Sha256::digest(request.to_string().as_bytes())),
+        request_hash: crate::extract::request_hash(&request),
         price: estimate,
     };
     let question = chat::Question {
@@ -216,10 +209,6 @@ async fn ask(
             "estimate": { "input_tokens": input, "max_output_tokens": max_tokens, "credits": estimate },
         })),
     ))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Deserialize)]
@@ -249,7 +238,11 @@ async fn create_task(
         return Err(ApiError::invalid("max_tokens must be between 1 and 100000"));
     }
     let preferred = ai::preferences(&state.db, &user.id).await?.chat_model;
-    let model = chat_model(&state, body.model.as_deref().or(preferred.as_deref()))?;
+    let model = pick(
+        &state.catalog,
+        ModelKind::Chat,
+        body.model.as_deref().or(preferred.as_deref()),
+    )?;
     // Each step holds its own estimate when it runs; nothing is held for the task itself.
     let input = json!({ "max_tokens": max_tokens });
     let request =
@@ -262,8 +255,8 @@ async fn create_task(
         priority: 0,
         run_at_ms: None,
         max_attempts: state.cfg.jobs.default_max_attempts,
-        idempotency_key: crate::credits::idempotency_key(&headers)?,
-        request_hash: hex(&Sha256::digest(request.to_string().as_bytes())),
+        idempotency_key: crate::extract::idempotency_key(&headers)?,
+        request_hash: crate::extract::request_hash(&request),
         price: 0,
     };
     let (task, job) = agents::create(

@@ -198,7 +198,7 @@ async fn reserve(
         )));
     }
     // With an Idempotency-Key, a retried request finds the same reservation.
-    let id = match idempotency_key(&headers)? {
+    let id = match crate::extract::idempotency_key(&headers)? {
         Some(key) => format!("rsv:{}:{key}", user.id),
         None => format!("rsv:{}", uuid::Uuid::now_v7()),
     };
@@ -230,21 +230,6 @@ async fn reserve(
         );
     }
     Ok(resp)
-}
-
-pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    match headers.get("idempotency-key") {
-        None => Ok(None),
-        Some(v) => {
-            let k = v.to_str().ok().map(str::trim).unwrap_or_default();
-            if k.is_empty() || k.len() > 200 || !k.chars().all(|c| c.is_ascii_graphic()) {
-                return Err(ApiError::bad_request(
-                    "Idempotency-Key must be 1 to 200 printable ASCII characters",
-                ));
-            }
-            Ok(Some(k.to_owned()))
-        }
-    }
 }
 
 /// The caller's reservation, unless a job holds it (a job's credits move only with the job).
@@ -383,7 +368,7 @@ fn transfer_id(prefix: &str, id: Option<String>, headers: &HeaderMap) -> Result<
             ));
         }
         Some(id) => Some(id),
-        None => idempotency_key(headers)?,
+        None => crate::extract::idempotency_key(headers)?,
     };
     Ok(match key {
         Some(k) => format!("{prefix}/{k}"),

@@ -107,3 +107,27 @@ pub fn text(name: &str, value: &str, max: usize) -> Result<(), crate::ApiError> 
     }
     Ok(())
 }
+
+/// Longest `Idempotency-Key` accepted.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// The request's `Idempotency-Key`, if it sent one: 1 to 255 printable ASCII characters.
+pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, crate::ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let k = v.to_str().ok().map(str::trim).unwrap_or_default();
+    if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY || !k.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(crate::ApiError::bad_request(format!(
+            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+        )));
+    }
+    Ok(Some(k.to_owned()))
+}
+
+/// SHA-256 (hex) of a request's canonical JSON: tells a replay under an idempotency key from a
+/// different request.
+pub fn request_hash(request: &serde_json::Value) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(request.to_string().as_bytes()))
+}

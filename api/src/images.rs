@@ -11,7 +11,6 @@ use axum::{
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tally_workflows::{
     ai::{self, ModelKind},
     images,
@@ -64,20 +63,11 @@ async fn generate(
         return Err(ApiError::invalid("n must be between 1 and 10"));
     }
     let preferred = ai::preferences(&state.db, &user.id).await?.image_model;
-    let model = match body.model.or(preferred) {
-        Some(id) => match state.catalog.get(&id) {
-            Some(m) if m.kind == ModelKind::Image => m,
-            _ => {
-                return Err(ApiError::invalid(format!(
-                    "{id:?} is not an image model; see GET /v1/models"
-                )));
-            }
-        },
-        None => state
-            .catalog
-            .first(ModelKind::Image)
-            .ok_or_else(|| ApiError::invalid("no image model is configured"))?,
-    };
+    let model = crate::models::pick(
+        &state.catalog,
+        ModelKind::Image,
+        body.model.or(preferred).as_deref(),
+    )?;
     let estimate = model.image_cost(n);
     let input = json!({
         "prompt": body.prompt, "model": model.id, "size": size, "n": n, "user_id": user.id,
@@ -90,11 +80,8 @@ async fn generate(
         priority: 0,
         run_at_ms: None,
         max_attempts: state.cfg.jobs.default_max_attempts,
-        idempotency_key: crate::credits::idempotency_key(&headers)?,
-        request_hash: Sha256::digest(input.to_string().as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
+        idempotency_key: crate::extract::idempotency_key(&headers)?,
+        request_hash: crate::extract::request_hash(&input),
         price: estimate,
     };
     let (job, _) = state.submissions.call(new).await??;
@@ -122,10 +109,7 @@ async fn generation(
         return Err(ApiError::not_found("no image generation with this job id"));
     }
     let made = images::of_job(&state.db, &job.id).await?;
-    let cost = match &job.reservation_id {
-        Some(_) => tally_workflows::ledger::job_cost(&state.db, &job.id).await?,
-        None => json!({ "reserved": 0, "settled": 0, "transfers": [] }),
-    };
+    let cost = crate::jobs::cost(&state, &job).await?;
     Ok(Json(json!({
         "job_id": job.id,
         "status": job.status,

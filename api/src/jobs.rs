@@ -14,7 +14,6 @@ use axum::{
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tally_workflows::{
     jobs::{self, Job, ListFilter, NewJob, Status},
     kinds,
@@ -47,29 +46,13 @@ struct SubmitJob {
     max_attempts: Option<i64>,
 }
 
-const MAX_IDEMPOTENCY_KEY: usize = 255;
-
 async fn submit(
     State(state): State<AppState>,
     Caller(user): Caller,
     headers: HeaderMap,
     ApiJson(body): ApiJson<SubmitJob>,
 ) -> Result<Response, ApiError> {
-    let key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => {
-            let k = v.to_str().ok().map(str::trim).unwrap_or_default();
-            if k.is_empty()
-                || k.len() > MAX_IDEMPOTENCY_KEY
-                || !k.chars().all(|c| c.is_ascii_graphic())
-            {
-                return Err(ApiError::bad_request(format!(
-                    "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
-                )));
-            }
-            Some(k.to_owned())
-        }
-    };
+    let key = crate::extract::idempotency_key(&headers)?;
     let spec = kinds::lookup(&body.kind).ok_or_else(|| {
         ApiError::invalid(
             kinds::validate_input(&body.kind, &body.input)
@@ -127,7 +110,7 @@ async fn submit(
         run_at_ms,
         max_attempts,
         idempotency_key: key,
-        request_hash: hex(&Sha256::digest(canonical.to_string().as_bytes())),
+        request_hash: crate::extract::request_hash(&canonical),
         price: state.cfg.price(spec.name),
     };
     let (job, created) = state.submissions.call(new).await??;
@@ -143,17 +126,18 @@ async fn submit(
 /// its log entry's inclusion proof). A free job costs nothing and needs no lookup.
 async fn with_cost(state: &AppState, job: &Job) -> Result<Value, ApiError> {
     let mut view = job.view();
-    // An agent task's steps hold and settle their own credits.
-    view["cost"] = if job.reservation_id.is_some() || job.kind == "agent" {
-        tally_workflows::ledger::job_cost(&state.db, &job.id).await?
-    } else {
-        json!({ "reserved": 0, "settled": 0, "transfers": [] })
-    };
+    view["cost"] = cost(state, job).await?;
     Ok(view)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// What a job cost (`{"reserved", "settled", "transfers"}`).
+pub(crate) async fn cost(state: &AppState, job: &Job) -> Result<Value, ApiError> {
+    // An agent task's steps hold and settle their own credits.
+    Ok(if job.reservation_id.is_some() || job.kind == "agent" {
+        tally_workflows::ledger::job_cost(&state.db, &job.id).await?
+    } else {
+        json!({ "reserved": 0, "settled": 0, "transfers": [] })
+    })
 }
 
 async fn show(

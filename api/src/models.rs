@@ -45,12 +45,22 @@ async fn get_preferences(
     )))
 }
 
-/// A model id of the right kind, or a 422 that says what is available.
-fn model_of_kind<'a>(
+/// The model a request names, which must be of `kind` (a 422 says what is available); without
+/// one, the catalog's first model of that kind. Every endpoint that takes a model uses this.
+pub(crate) fn pick<'a>(
     catalog: &'a Catalog,
-    id: &str,
     kind: ModelKind,
+    id: Option<&str>,
 ) -> Result<&'a Model, ApiError> {
+    let name = match kind {
+        ModelKind::Chat => "chat",
+        ModelKind::Image => "image",
+    };
+    let Some(id) = id else {
+        return catalog
+            .first(kind)
+            .ok_or_else(|| ApiError::invalid(format!("no {name} model is configured")));
+    };
     match catalog.get(id) {
         Some(m) if m.kind == kind => Ok(m),
         _ => {
@@ -61,11 +71,7 @@ fn model_of_kind<'a>(
                 .map(|m| m.id.as_str())
                 .collect();
             Err(ApiError::invalid(format!(
-                "{id:?} is not a {} model; available: {}",
-                match kind {
-                    ModelKind::Chat => "chat",
-                    ModelKind::Image => "image",
-                },
+                "{id:?} is not a {name} model; available: {}",
                 ids.join(", ")
             )))
         }
@@ -78,10 +84,10 @@ async fn put_preferences(
     ApiJson(body): ApiJson<Preferences>,
 ) -> Result<Json<Value>, ApiError> {
     if let Some(id) = &body.chat_model {
-        model_of_kind(&state.catalog, id, ModelKind::Chat)?;
+        pick(&state.catalog, ModelKind::Chat, Some(id))?;
     }
     if let Some(id) = &body.image_model {
-        model_of_kind(&state.catalog, id, ModelKind::Image)?;
+        pick(&state.catalog, ModelKind::Image, Some(id))?;
     }
     if let Some(t) = body.temperature
         && !(0.0..=2.0).contains(&t)
@@ -143,13 +149,7 @@ async fn estimate(
         ModelKind::Chat => prefs.chat_model.clone(),
         ModelKind::Image => prefs.image_model.clone(),
     };
-    let model = match body.model.or(preferred) {
-        Some(id) => model_of_kind(&state.catalog, &id, kind)?,
-        None => state
-            .catalog
-            .first(kind)
-            .ok_or_else(|| ApiError::invalid("no model of this kind is configured"))?,
-    };
+    let model = pick(&state.catalog, kind, body.model.or(preferred).as_deref())?;
     match kind {
         ModelKind::Image => {
             let n = body.n.unwrap_or(1);

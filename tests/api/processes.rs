@@ -21,6 +21,9 @@ async fn three_workers_share_a_queue(backend: Backend) {
                 &[
                     ("TALLY_WORKER__QUEUES", "system"),
                     ("TALLY_WORKER__BATCH_SIZE", "4"),
+                    // Two jobs at a time: no one process can keep up with the submissions alone
+                    // (claims got fast enough that one sometimes took all of them).
+                    ("TALLY_WORKER__CONCURRENCY", "2"),
                 ],
             )
             .await,
