@@ -206,31 +206,8 @@ async fn bench_backend(cfg: &Config, args: &BenchArgs, url: &str) -> Result<Figu
     let enqueue_per_s = args.jobs as f64 / started.elapsed().as_secs_f64();
 
     // Drain with K worker processes.
-    let exe = std::env::current_exe()?;
     let started = Instant::now();
-    let mut children = Vec::new();
-    for _ in 0..args.workers {
-        children.push(
-            tokio::process::Command::new(&exe)
-                .args([
-                    "work",
-                    "--queues",
-                    "system",
-                    "--concurrency",
-                    &args.concurrency.to_string(),
-                ])
-                .env("DATABASE_URL", url)
-                .env("TALLY_WORKER__BATCH_SIZE", args.batch.to_string())
-                .env("TALLY_WORKER__POLL_MS", "5")
-                .env(
-                    "TALLY_LOG",
-                    std::env::var("TALLY_BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
-                )
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()?,
-        );
-    }
+    let children = spawn_workers(args, url, "system", &[])?;
     loop {
         let done = jobs::count_by_status(&db, Status::Succeeded).await?;
         if done as usize >= args.jobs {
@@ -245,16 +222,7 @@ async fn bench_backend(cfg: &Config, args: &BenchArgs, url: &str) -> Result<Figu
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drain_per_s = args.jobs as f64 / started.elapsed().as_secs_f64();
-    for child in &children {
-        if let Some(pid) = child.id() {
-            let _ = std::process::Command::new("kill")
-                .arg(pid.to_string())
-                .status();
-        }
-    }
-    for mut child in children {
-        let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
-    }
+    stop_workers(children).await;
 
     // HTTP submission against the real router on loopback (no workers running).
     let (http_per_s, http_p50_ms, http_p99_ms) = if args.http_seconds > 0 {
@@ -351,4 +319,54 @@ async fn http_load(
             .unwrap_or(0.0)
     };
     Ok((all.len() as f64 / elapsed, pct(0.5), pct(0.99)))
+}
+
+/// Starts `--workers` `tally work` processes on `queue`, with the bench's batch, concurrency and
+/// a short poll; `env` adds to their environment.
+pub(crate) fn spawn_workers(
+    args: &BenchArgs,
+    url: &str,
+    queue: &str,
+    env: &[(&str, &std::path::Path)],
+) -> Result<Vec<tokio::process::Child>, CliError> {
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::with_capacity(args.workers);
+    for _ in 0..args.workers {
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args([
+            "work",
+            "--queues",
+            queue,
+            "--concurrency",
+            &args.concurrency.to_string(),
+        ])
+        .env("DATABASE_URL", url)
+        .env("TALLY_WORKER__BATCH_SIZE", args.batch.to_string())
+        .env("TALLY_WORKER__POLL_MS", "5")
+        .env(
+            "TALLY_LOG",
+            std::env::var("TALLY_BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        children.push(cmd.spawn()?);
+    }
+    Ok(children)
+}
+
+/// SIGTERM to every worker process, then waits for them (30 s each at most).
+pub(crate) async fn stop_workers(children: Vec<tokio::process::Child>) {
+    for child in &children {
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+    for mut child in children {
+        let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    }
 }

@@ -134,31 +134,7 @@ async fn bench_backend(
     }
     let ai = toml::to_string(&File { ai: &cfg.ai }).map_err(|e| CliError::other(e.to_string()))?;
     std::fs::write(&file, ai)?;
-    let exe = std::env::current_exe()?;
-    let mut children = Vec::new();
-    for _ in 0..args.workers {
-        children.push(
-            tokio::process::Command::new(&exe)
-                .args([
-                    "work",
-                    "--queues",
-                    "ai",
-                    "--concurrency",
-                    &args.concurrency.to_string(),
-                ])
-                .env("DATABASE_URL", url)
-                .env("TALLY_CONFIG", &file)
-                .env("TALLY_WORKER__BATCH_SIZE", args.batch.to_string())
-                .env("TALLY_WORKER__POLL_MS", "5")
-                .env(
-                    "TALLY_LOG",
-                    std::env::var("TALLY_BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
-                )
-                .stdout(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()?,
-        );
-    }
+    let children = crate::bench::spawn_workers(args, url, "ai", &[("TALLY_CONFIG", &file)])?;
 
     // The API in this process.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -254,16 +230,7 @@ async fn bench_backend(
     let per_s = args.jobs as f64 / started.elapsed().as_secs_f64();
     stop.cancel();
     let _ = server.await;
-    for child in &children {
-        if let Some(pid) = child.id() {
-            let _ = std::process::Command::new("kill")
-                .arg(pid.to_string())
-                .status();
-        }
-    }
-    for mut child in children {
-        let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
-    }
+    crate::bench::stop_workers(children).await;
     db.close().await;
     Ok((per_s, p50, p99))
 }
