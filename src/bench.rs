@@ -115,12 +115,17 @@ pub(crate) async fn fresh_database(backend: &str, args: &BenchArgs) -> Result<Fr
                     })?;
             }
             admin.close().await;
-            let (base, _) = args
-                .postgres_url
+            // The server's URL with the new database in place of the named one; its
+            // parameters (`?sslmode=...`) are kept.
+            let (url, params) = match args.postgres_url.split_once('?') {
+                Some((url, params)) => (url, format!("?{params}")),
+                None => (args.postgres_url.as_str(), String::new()),
+            };
+            let (base, _) = url
                 .rsplit_once('/')
                 .ok_or_else(|| CliError::usage("--postgres-url must name a database"))?;
             Ok(Fresh {
-                url: format!("{base}/{name}"),
+                url: format!("{base}/{name}{params}"),
                 drop: Some(name),
             })
         }
@@ -319,6 +324,30 @@ async fn http_load(
             .unwrap_or(0.0)
     };
     Ok((all.len() as f64 / elapsed, pct(0.5), pct(0.99)))
+}
+
+/// Keeps Postgres' planner statistics current while a benchmark runs: `ANALYZE` (with a small
+/// sample) every second until the returned task is aborted. Autovacuum analyses at most once a minute
+/// (`autovacuum_naptime`), so a benchmark of a few seconds on a fresh database would otherwise
+/// run on the plans Postgres made for empty tables (sequential scans) while the tables grow by
+/// tens of thousands of rows: not the steady state of a running deployment. SQLite plans
+/// without statistics; nothing is done there.
+pub(crate) fn keep_statistics_fresh(db: &Db) -> Option<tokio::task::JoinHandle<()>> {
+    let Db::Postgres(pool) = db else {
+        return None;
+    };
+    let pool = pool.clone();
+    Some(tokio::spawn(async move {
+        loop {
+            // A small sample: enough for the planner to see how big the tables have grown,
+            // cheap enough not to take much of the database's time from the benchmark.
+            let analyze = sqlx::raw_sql("SET default_statistics_target = 10; ANALYZE");
+            if let Err(e) = analyze.execute(&pool).await {
+                tracing::warn!(error = %e, "ANALYZE failed");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }))
 }
 
 /// Starts `--workers` `tally work` processes on `queue`, with the bench's batch, concurrency and

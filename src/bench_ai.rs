@@ -152,26 +152,29 @@ async fn bench_backend(
         .build()
         .map_err(|e| CliError::other(e.to_string()))?;
 
+    let analyze = crate::bench::keep_statistics_fresh(&db);
+
     // The platform's own time per job: one at a time, submit to succeeded.
+    let owner = users::User {
+        id: user.id.clone(),
+        email: user.email.clone(),
+        role: Role::User,
+    };
     let mut latencies = Vec::new();
+    // Where the time went, from the timestamps the platform stores: submit to stored, stored
+    // to claimed by a worker, claimed to finished (provider call, reply, settlement).
+    let mut phases: [Vec<i64>; 3] = Default::default();
     for i in 0..200 {
         let conversation = &ids[args.jobs.div_ceil(PER_CONVERSATION) + i / PER_CONVERSATION];
         let started = Instant::now();
+        let submitted_ms = tally_workflows::now_ms();
         let id = ask(&client, &base, &user.api_key, conversation).await?;
-        loop {
-            let job = jobs::get(
-                &db,
-                &id,
-                &users::User {
-                    id: user.id.clone(),
-                    email: user.email.clone(),
-                    role: Role::User,
-                },
-            )
-            .await
-            .map_err(|e| CliError::other(e.to_string()))?;
+        let job = loop {
+            let job = jobs::get(&db, &id, &owner)
+                .await
+                .map_err(|e| CliError::other(e.to_string()))?;
             if job.status() == Status::Succeeded {
-                break;
+                break job;
             }
             if job.status().is_terminal() || started.elapsed() > Duration::from_secs(30) {
                 return Err(CliError::other(format!(
@@ -180,12 +183,26 @@ async fn bench_backend(
                 )));
             }
             tokio::time::sleep(Duration::from_micros(200)).await;
-        }
+        };
         latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+        let (claimed, finished) = (
+            job.started_at.unwrap_or(job.created_at),
+            job.finished_at.unwrap_or(job.updated_at),
+        );
+        phases[0].push(job.created_at - submitted_ms);
+        phases[1].push(claimed - job.created_at);
+        phases[2].push(finished - claimed);
     }
     latencies.sort_by(f64::total_cmp);
     let p50 = latencies[latencies.len() / 2];
     let p99 = latencies[latencies.len() * 99 / 100];
+    let [stored, claimed, ran] = phases.map(|mut v| {
+        v.sort_unstable();
+        v[v.len() / 2]
+    });
+    eprintln!(
+        "  one job at a time, median ms: submit to stored {stored}, stored to claimed {claimed}, claimed to finished {ran}"
+    );
 
     // Throughput: N questions from C connections, until every job has succeeded.
     let before = jobs::count_by_status(&db, Status::Succeeded).await? as usize;
@@ -202,32 +219,57 @@ async fn bench_backend(
         );
         let n = args.jobs;
         tasks.push(tokio::spawn(async move {
+            let mut last = None;
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if i >= n {
-                    return Ok::<_, CliError>(());
+                    return Ok::<_, CliError>(last);
                 }
-                ask(&client, &base, &key, &ids[i / PER_CONVERSATION]).await?;
+                last = Some(ask(&client, &base, &key, &ids[i / PER_CONVERSATION]).await?);
             }
         }));
     }
+    // Each connection's last job; counting every job is left for the end, as it reads the
+    // whole table and would take the database's time from the jobs being measured.
+    let mut waiting = Vec::new();
     for t in tasks {
-        t.await.map_err(|e| CliError::other(e.to_string()))??;
+        waiting.extend(t.await.map_err(|e| CliError::other(e.to_string()))??);
     }
     loop {
-        let done = jobs::count_by_status(&db, Status::Succeeded).await? as usize - before;
-        if done >= args.jobs {
-            break;
+        let mut still = Vec::new();
+        for id in waiting {
+            let job = jobs::get(&db, &id, &owner)
+                .await
+                .map_err(|e| CliError::other(e.to_string()))?;
+            if job.status().is_terminal() && job.status() != Status::Succeeded {
+                return Err(CliError::other(format!(
+                    "bench chat job {id} ended {}",
+                    job.status
+                )));
+            }
+            if job.status() != Status::Succeeded {
+                still.push(id);
+            }
+        }
+        waiting = still;
+        if waiting.is_empty() {
+            let done = jobs::count_by_status(&db, Status::Succeeded).await? as usize - before;
+            if done >= args.jobs {
+                break;
+            }
         }
         if started.elapsed() > Duration::from_secs(600) {
             return Err(CliError::other(format!(
-                "stalled at {done} of {} chat jobs",
+                "stalled: {} chat jobs not done after 600 s",
                 args.jobs
             )));
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let per_s = args.jobs as f64 / started.elapsed().as_secs_f64();
+    if let Some(task) = analyze {
+        task.abort();
+    }
     stop.cancel();
     let _ = server.await;
     crate::bench::stop_workers(children).await;
