@@ -96,10 +96,14 @@ async fn list(
     })))
 }
 
-async fn own(state: &AppState, raw: &str, user_id: &str) -> Result<chat::Conversation, ApiError> {
-    let id = parse_id(raw).ok_or_else(|| {
+fn parse_conversation_id(raw: &str) -> Result<String, ApiError> {
+    parse_id(raw).ok_or_else(|| {
         ApiError::bad_request(format!("{raw:?} is not a conversation id (ids are UUIDs)"))
-    })?;
+    })
+}
+
+async fn own(state: &AppState, raw: &str, user_id: &str) -> Result<chat::Conversation, ApiError> {
+    let id = parse_conversation_id(raw)?;
     chat::get(&state.db, &id, user_id)
         .await?
         .ok_or_else(|| ApiError::not_found("no conversation with this id"))
@@ -133,9 +137,16 @@ async fn ask(
     headers: HeaderMap,
     ApiJson(body): ApiJson<AskBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let c = own(&state, &id, &user.id).await?;
+    let id = parse_conversation_id(&id)?;
     crate::extract::text("content", &body.content, MAX_CONTENT)?;
-    let prefs = ai::preferences(&state.db, &user.id).await?;
+    // One read: the conversation, the user's preferences and the history's size.
+    let chat::QuestionContext {
+        conversation: c,
+        preferences: prefs,
+        history_tokens,
+    } = chat::question_context(&state.db, &id, &user.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no conversation with this id"))?;
     let model = pick(
         &state.catalog,
         ModelKind::Chat,
@@ -158,13 +169,7 @@ async fn ask(
     }
     // The estimate, by the rule GET /v1/models/estimate-cost shows: the whole history goes to
     // the model.
-    let history = chat::messages(&state.db, &c.id).await?;
-    let input = tokens::count_messages(
-        history
-            .iter()
-            .map(|m| m.content.as_str())
-            .chain([body.content.as_str()]),
-    );
+    let input = history_tokens.saturating_add(tokens::count_messages([body.content.as_str()]));
     if model.context_window > 0 && input + u64::from(max_tokens) > u64::from(model.context_window) {
         return Err(ApiError::invalid(format!(
             "the conversation ({input} tokens) plus {max_tokens} output tokens exceeds {}'s context window of {}",

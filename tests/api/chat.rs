@@ -14,6 +14,18 @@ use serde_json::{Value, json};
 
 use crate::helpers::{Backend, Options, TestApp, assert_problem, json_of};
 
+/// Creates a conversation with `body`; answers its id and the path to ask it questions.
+async fn conversation(app: &TestApp, key: &str, body: Value) -> (String, String) {
+    let c = json_of(
+        app.post(key, "/v1/chat/conversations", body).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let id = c["id"].as_str().expect("id").to_owned();
+    let path = format!("/v1/chat/conversations/{id}/messages");
+    (id, path)
+}
+
 async fn offline_conversation(backend: Backend) {
     let Some(app) = TestApp::spawn(backend).await else {
         return;
@@ -204,15 +216,7 @@ async fn provider_usage_refusals_and_fallback(backend: Backend) {
     };
     let key = app.user_key.clone();
     app.grant(&app.user_id, 1000).await;
-    let c = json_of(
-        app.post(&key, "/v1/chat/conversations", json!({})).await,
-        StatusCode::CREATED,
-    )
-    .await;
-    let path = format!(
-        "/v1/chat/conversations/{}/messages",
-        c["id"].as_str().expect("id")
-    );
+    let (cid, path) = conversation(&app, &key, json!({})).await;
 
     // Success: the usage the provider reports is what is charged.
     script
@@ -322,11 +326,8 @@ async fn provider_usage_refusals_and_fallback(backend: Backend) {
         "not retried"
     );
     let conv = json_of(
-        app.get(
-            &key,
-            &format!("/v1/chat/conversations/{}", c["id"].as_str().expect("id")),
-        )
-        .await,
+        app.get(&key, &format!("/v1/chat/conversations/{cid}"))
+            .await,
         StatusCode::OK,
     )
     .await;
@@ -377,16 +378,7 @@ async fn hangs_and_garbage_release_the_credits(backend: Backend) {
     let key = app.user_key.clone();
     app.grant(&app.user_id, 100).await;
     for (model, says) in [("slow-chat", "timed out"), ("junk-chat", "not json")] {
-        let c = json_of(
-            app.post(&key, "/v1/chat/conversations", json!({ "model": model }))
-                .await,
-            StatusCode::CREATED,
-        )
-        .await;
-        let path = format!(
-            "/v1/chat/conversations/{}/messages",
-            c["id"].as_str().expect("id")
-        );
+        let (_, path) = conversation(&app, &key, json!({ "model": model })).await;
         let asked = json_of(
             app.post(
                 &key,
@@ -415,7 +407,68 @@ async fn hangs_and_garbage_release_the_credits(backend: Backend) {
     app.stop().await;
 }
 
+/// The database counts a conversation's tokens for the estimate: it must count characters the
+/// way the published rule does (`POST /v1/models/estimate-cost`), multi-byte text included,
+/// and hold exactly that estimate.
+async fn estimates_count_characters_like_the_rule(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
+    let key = app.user_key.clone();
+    app.grant(&app.user_id, 1000).await;
+    let (cid, path) = conversation(&app, &key, json!({})).await;
+    for content in ["Grüße aus Köln — ✓ ünïcödé 東京", "e\u{301}🙂 a"] {
+        let asked = json_of(
+            app.post(&key, &path, json!({ "content": content })).await,
+            StatusCode::ACCEPTED,
+        )
+        .await;
+        let job_id = asked["job_id"].as_str().expect("job id").to_owned();
+        // What the rule says for the history as stored, plus the new question.
+        let conv = json_of(
+            app.get(&key, &format!("/v1/chat/conversations/{cid}"))
+                .await,
+            StatusCode::OK,
+        )
+        .await;
+        let history: Vec<Value> = conv["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .filter(|m| m["job_id"] != job_id.as_str())
+            .map(|m| json!({ "role": m["role"], "content": m["content"] }))
+            .collect();
+        let rule = json_of(
+            app.post(
+                &key,
+                "/v1/models/estimate-cost",
+                json!({ "model": "offline-chat", "messages": history, "content": content }),
+            )
+            .await,
+            StatusCode::OK,
+        )
+        .await;
+        assert_eq!(
+            asked["estimate"]["input_tokens"], rule["input_tokens"],
+            "{asked} vs {rule}"
+        );
+        assert_eq!(asked["estimate"]["credits"], rule["credits"]);
+        let job = app
+            .wait_for(&job_id, &["succeeded"], Duration::from_secs(20))
+            .await;
+        let hold = job["cost"]["transfers"]
+            .as_array()
+            .expect("transfers")
+            .iter()
+            .find(|t| t["kind"] == "reserve")
+            .map(|t| t["amount"].clone());
+        assert_eq!(hold, Some(rule["credits"].clone()), "{job}");
+    }
+    app.stop().await;
+}
+
 crate::both_backends!(
+    estimates_count_characters_like_the_rule,
     offline_conversation,
     provider_usage_refusals_and_fallback,
     hangs_and_garbage_release_the_credits

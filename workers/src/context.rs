@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tally_workflows::{Db, DbError, jobs};
+use tally_workflows::{Db, DbError, chat, jobs};
 use tokio_util::sync::CancellationToken;
 
 /// Why a kind stopped without a result.
@@ -38,6 +38,8 @@ pub struct JobContext {
     interrupt: CancellationToken,
     /// Unique to this run of the job (attempt numbers start again when a dead job is retried).
     run_id: String,
+    /// Messages stored with the attempt's outcome, if it succeeds.
+    staged: Vec<chat::Message>,
 }
 
 /// How often a job may look at the database for a cancel request.
@@ -59,6 +61,7 @@ impl JobContext {
             last_check: None,
             interrupt,
             run_id: uuid::Uuid::now_v7().simple().to_string(),
+            staged: Vec::new(),
         }
     }
 
@@ -74,6 +77,17 @@ impl JobContext {
 
     pub fn job_id(&self) -> &str {
         &self.job_id
+    }
+
+    /// Stores `message` with the attempt's outcome, in the transaction that settles the job's
+    /// credits, and only if the attempt succeeds.
+    pub fn store_on_success(&mut self, message: chat::Message) {
+        self.staged.push(message);
+    }
+
+    /// What [`Self::store_on_success`] collected.
+    pub fn take_staged(&mut self) -> Vec<chat::Message> {
+        std::mem::take(&mut self.staged)
     }
 
     /// Stores progress and stops the job if it was cancelled.

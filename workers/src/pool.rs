@@ -114,15 +114,12 @@ impl WorkerPool {
         };
         let mut ai = crate::ai::Services::from_config(&self.cfg.ai, self.cfg.image_dir())
             .map_err(|e| DbError::Queue(format!("AI providers: {e}")))?;
-        ai.replies = Some({
+        ai.histories = Some({
             let db = self.db.clone();
-            Batcher::spawn(
-                MAX_BATCH,
-                move |replies: Vec<tally_workflows::chat::Message>| {
-                    let db = db.clone();
-                    async move { tally_workflows::chat::store_replies(&db, replies).await }
-                },
-            )
+            Batcher::spawn(MAX_BATCH, move |asks: Vec<(String, String)>| {
+                let db = db.clone();
+                async move { tally_workflows::chat::histories_for(&db, asks).await }
+            })
         });
         let rt = Arc::new(Runtime {
             ai,
@@ -148,7 +145,7 @@ impl WorkerPool {
             Db::Postgres(_) => Some(
                 sqlx::postgres::PgPoolOptions::new()
                     .max_connections(2 + 2 * w.queues.len() as u32)
-                    .connect(&self.cfg.database_url())
+                    .connect_with(tally_workflows::db::pg_options(&self.cfg.database_url())?)
                     .await?,
             ),
             Db::Sqlite(_) => None,
@@ -158,7 +155,7 @@ impl WorkerPool {
                 (rt.clone(), w.concurrency, w.batch_size, queue.clone());
             // The same worker on either backend; only apalis' storage type differs.
             macro_rules! register {
-                ($storage:ident, $config:path, $pool:expr) => {{
+                ($storage:ident, $config:path, $pool:expr, $wake:expr) => {{
                     let pool = $pool;
                     monitor.register(move |_restarts| {
                         // Tally marks tasks running and done itself, in its own transactions.
@@ -171,7 +168,7 @@ impl WorkerPool {
                             .missed_heartbeats(missed);
                         let storage = $storage::<JobRef>::new(&pool)
                             .with_config(config)
-                            .poll_with_interval(poll);
+                            .poll_with_strategy($wake(&pool, &queue));
                         WorkerBuilder::new(worker_id.as_str())
                             .backend(storage)
                             .concurrency(concurrency)
@@ -182,14 +179,25 @@ impl WorkerPool {
                 }};
             }
             monitor = match &self.db {
+                // Postgres: woken by apalis' notification of each new task on this queue.
                 Db::Postgres(_) => register!(
                     PostgresStorage,
                     apalis_postgres::Config,
                     apalis_pool
                         .clone()
-                        .ok_or_else(|| DbError::Queue("no queue pool".into()))?
+                        .ok_or_else(|| DbError::Queue("no queue pool".into()))?,
+                    |pool: &sqlx::PgPool, queue: &str| {
+                        let signals = apalis_postgres::Pubsub::new(pool.clone(), queue.to_owned());
+                        crate::poll::Every::new(poll)
+                            .with_wake(Box::pin(futures::StreamExt::map(signals, |_| ())))
+                    }
                 ),
-                Db::Sqlite(pool) => register!(SqliteStorage, apalis_sqlite::Config, pool.clone()),
+                Db::Sqlite(pool) => register!(
+                    SqliteStorage,
+                    apalis_sqlite::Config,
+                    pool.clone(),
+                    |_: &sqlx::SqlitePool, _: &str| crate::poll::Every::new(poll)
+                ),
             };
         }
         tracing::info!(worker = %self.name, queues = ?w.queues, concurrency = w.concurrency, "worker pools started");
@@ -293,6 +301,7 @@ async fn run_attempt(job_id: &str, task_id: &str, rt: &Runtime) -> Result<(), Db
         rt.finishes.call(completion).await?;
         return Ok(());
     };
+    let mut staged = Vec::new();
     let outcome = match serde_json::from_str(&claimed.input) {
         Err(e) => Outcome::Fatal(format!("stored input is not JSON: {e}")),
         Ok(input) => {
@@ -303,7 +312,9 @@ async fn run_attempt(job_id: &str, task_id: &str, rt: &Runtime) -> Result<(), Db
                 claimed.attempts.max(1) as u32,
                 rt.interrupt.clone(),
             );
-            match kinds::run(&claimed.kind, input, &mut ctx, &rt.ai).await {
+            let ran = kinds::run(&claimed.kind, input, &mut ctx, &rt.ai).await;
+            staged = ctx.take_staged();
+            match ran {
                 Ok((v, None)) => Outcome::Succeeded(v),
                 Ok((v, Some(credits))) => Outcome::Charged(v, credits),
                 Err(JobFailure::Retryable(e)) => Outcome::Failed(e),
@@ -315,9 +326,12 @@ async fn run_attempt(job_id: &str, task_id: &str, rt: &Runtime) -> Result<(), Db
             }
         }
     };
-    let finish = jobs::plan(&claimed, outcome, |n| {
+    let mut finish = jobs::plan(&claimed, outcome, |n| {
         retry::delay(n, rt.retry_base, rt.retry_max)
     });
+    if finish.status == Status::Succeeded {
+        finish.messages = staged;
+    }
     let completion = Completion {
         task_id: task_id.to_owned(),
         finish: Some(finish),

@@ -104,6 +104,55 @@ pub async fn get(db: &Db, id: &str, user_id: &str) -> Result<Option<Conversation
     Ok(c)
 }
 
+/// What answering a new question in a conversation needs, read in one statement: the
+/// conversation (if it is this user's), the user's preferences, and the tokens of its history
+/// by the estimate rule ([`crate::ai::tokens::count_messages`], counted by the database).
+#[derive(Debug, Clone)]
+pub struct QuestionContext {
+    pub conversation: Conversation,
+    pub preferences: crate::ai::Preferences,
+    pub history_tokens: u64,
+}
+
+#[derive(sqlx::FromRow)]
+struct QuestionContextRow {
+    #[sqlx(flatten)]
+    conversation: Conversation,
+    chat_model: Option<String>,
+    image_model: Option<String>,
+    temperature: Option<f64>,
+    max_tokens: Option<i64>,
+    history_tokens: i64,
+}
+
+pub async fn question_context(
+    db: &Db,
+    id: &str,
+    user_id: &str,
+) -> Result<Option<QuestionContext>, DbError> {
+    // `(chars + 3) / 4 + 4` per message is `tokens::count` plus framing: LENGTH counts
+    // characters on both backends (on a UTF-8 Postgres database).
+    let sql = "SELECT c.id, c.user_id, c.title, c.model, c.created_at, c.updated_at, \
+        p.chat_model, p.image_model, p.temperature, p.max_tokens, \
+        (SELECT COALESCE(SUM((LENGTH(m.content) + 3) / 4 + 4), 0) FROM ai_messages m \
+         WHERE m.conversation_id = c.id) AS history_tokens \
+        FROM ai_conversations c LEFT JOIN ai_preferences p ON p.user_id = c.user_id \
+        WHERE c.id = $1 AND c.user_id = $2";
+    let row: Option<QuestionContextRow> = with_pool!(db, pool => {
+        sqlx::query_as(sql).bind(id).bind(user_id).fetch_optional(pool).await?
+    });
+    Ok(row.map(|r| QuestionContext {
+        conversation: r.conversation,
+        preferences: crate::ai::Preferences {
+            chat_model: r.chat_model,
+            image_model: r.image_model,
+            temperature: r.temperature,
+            max_tokens: r.max_tokens.and_then(|n| u32::try_from(n).ok()),
+        },
+        history_tokens: u64::try_from(r.history_tokens).unwrap_or(0),
+    }))
+}
+
 /// The user's conversations, newest first; `before` is the previous page's last id.
 pub async fn list(
     db: &Db,
@@ -183,7 +232,8 @@ pub async fn ask_many(
     Ok(out)
 }
 
-async fn insert_many(tx: &mut Tx, ms: &[Message]) -> Result<(), DbError> {
+/// Inserts messages (a message already stored is kept) and touches their conversations.
+pub(crate) async fn insert_many(tx: &mut Tx, ms: &[Message]) -> Result<(), DbError> {
     for chunk in ms.chunks(500) {
         if chunk.is_empty() {
             continue;
@@ -210,30 +260,66 @@ async fn insert_many(tx: &mut Tx, ms: &[Message]) -> Result<(), DbError> {
     Ok(())
 }
 
-/// The conversation as a model sees it when answering `job_id`'s question: every message
-/// before (and including) that question. Replies to later questions are left out.
-pub async fn history_for(
+/// The conversation as a model sees it when answering each `(conversation, job)` pair's
+/// question: every message before (and including) that question; replies to later questions
+/// are left out. One statement for them all (workers batch the reads of the jobs they run at
+/// once). `None` where the job's question is missing.
+pub async fn histories_for(
     db: &Db,
-    conversation_id: &str,
-    job_id: &str,
-) -> Result<Vec<Message>, DbError> {
-    let all = messages(db, conversation_id).await?;
-    let question = format!("{job_id}:user");
-    let end = all
+    asks: Vec<(String, String)>,
+) -> Result<Vec<Option<Vec<Message>>>, DbError> {
+    let mut ids: Vec<&str> = asks.iter().map(|(c, _)| c.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let rows: Vec<Message> = match db {
+        // One prepared statement whatever the number of conversations.
+        Db::Postgres(pool) => {
+            let sql = format!(
+                "SELECT {MESSAGE_COLUMNS} FROM ai_messages WHERE conversation_id = ANY($1) \
+                 ORDER BY conversation_id, created_at, id"
+            );
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(&ids)
+                .fetch_all(pool)
+                .await?
+        }
+        Db::Sqlite(pool) => {
+            let mut qb = sqlx::QueryBuilder::new(format!(
+                "SELECT {MESSAGE_COLUMNS} FROM ai_messages WHERE conversation_id IN ("
+            ));
+            let mut list = qb.separated(", ");
+            for id in &ids {
+                list.push_bind(*id);
+            }
+            qb.push(") ORDER BY conversation_id, created_at, id");
+            qb.build_query_as().fetch_all(pool).await?
+        }
+    };
+    let mut by_conversation: std::collections::HashMap<&str, Vec<&Message>> =
+        std::collections::HashMap::new();
+    for m in &rows {
+        by_conversation
+            .entry(m.conversation_id.as_str())
+            .or_default()
+            .push(m);
+    }
+    Ok(asks
         .iter()
-        .position(|m| m.id == question)
-        .map(|i| i + 1)
-        .ok_or_else(|| {
-            DbError::Corrupt(format!("job {job_id} has no question in its conversation"))
-        })?;
-    Ok(all
-        .into_iter()
-        .take(end)
-        .filter(|m| m.role != "assistant" || m.job_id.as_deref() != Some(job_id))
+        .map(|(conversation, job_id)| {
+            let all = by_conversation.get(conversation.as_str())?;
+            let question = format!("{job_id}:user");
+            let end = all.iter().position(|m| m.id == question)? + 1;
+            Some(
+                all[..end]
+                    .iter()
+                    .filter(|m| m.role != "assistant" || m.job_id.as_deref() != Some(job_id))
+                    .map(|m| (*m).clone())
+                    .collect(),
+            )
+        })
         .collect())
 }
 
-/// Stores a model's reply to `job_id` (once, whatever the number of attempts).
 /// The stored form of a model's reply to `job_id`.
 pub fn reply_message(conversation_id: &str, job_id: &str, reply: Message) -> Message {
     Message {
@@ -244,14 +330,6 @@ pub fn reply_message(conversation_id: &str, job_id: &str, reply: Message) -> Mes
         created_at: now_ms(),
         ..reply
     }
-}
-
-/// Stores replies (from [`reply_message`]) in one transaction; a reply already stored is kept.
-pub async fn store_replies(db: &Db, replies: Vec<Message>) -> Result<Vec<()>, DbError> {
-    let mut tx = db.begin().await?;
-    insert_many(&mut tx, &replies).await?;
-    tx.commit().await?;
-    Ok(vec![(); replies.len()])
 }
 
 /// The reply stored for `job_id`, if an attempt got that far.

@@ -674,23 +674,31 @@ pub async fn report_progress(
     worker: &str,
     progress: &Value,
 ) -> Result<bool, DbError> {
+    // The status is a parameter, not a literal: a literal lets the planner pick the partial
+    // index of running jobs per worker, which reads every job the worker runs.
     let sql = "UPDATE tally_jobs SET progress = $3, updated_at = $4 \
-        WHERE id = $1 AND worker = $2 AND status = 'running' \
+        WHERE id = $1 AND worker = $2 AND status = $5 \
         RETURNING cancel_requested";
     let text = progress.to_string();
     let flag: Option<bool> = with_pool!(db, pool => {
-        sqlx::query_scalar(sql).bind(id).bind(worker).bind(&text).bind(now_ms()).fetch_optional(pool).await?
+        sqlx::query_scalar(sql).bind(id).bind(worker).bind(&text).bind(now_ms())
+            .bind(Status::Running.as_str()).fetch_optional(pool).await?
     });
     Ok(flag.unwrap_or(true))
 }
 
 /// True if the job has been asked to stop (or is no longer this worker's).
 pub async fn cancel_requested(db: &Db, id: &str, worker: &str) -> Result<bool, DbError> {
-    let sql = "SELECT cancel_requested FROM tally_jobs WHERE id = $1 AND worker = $2 AND status = 'running'";
-    let flag: Option<bool> = with_pool!(db, pool => {
-        sqlx::query_scalar(sql).bind(id).bind(worker).fetch_optional(pool).await?
+    // By primary key alone: a plan through the index of running jobs per worker reads every
+    // job the worker runs (thousands under load) for each check.
+    let sql = "SELECT cancel_requested, worker, status FROM tally_jobs WHERE id = $1";
+    let row: Option<(bool, Option<String>, String)> = with_pool!(db, pool => {
+        sqlx::query_as(sql).bind(id).fetch_optional(pool).await?
     });
-    Ok(flag.unwrap_or(true))
+    Ok(match row {
+        Some((cancel, Some(w), status)) if w == worker && status == "running" => cancel,
+        _ => true,
+    })
 }
 
 /// How an attempt ended.
@@ -717,6 +725,10 @@ pub struct Finish {
     pub retry_at: Option<i64>,
     /// For `succeeded`: the credits the attempt used, when they differ from the reservation.
     pub charge: Option<i64>,
+    /// For `succeeded`: what the attempt produced for a conversation (a model's reply). It is
+    /// written in the transaction that stores the outcome and settles the job's credits, and
+    /// only if that outcome is applied: a reply exists exactly when it was paid for.
+    pub messages: Vec<crate::chat::Message>,
 }
 
 /// Decides the job's next state: a failure with attempts left becomes `failed` with the time
@@ -755,6 +767,7 @@ pub fn plan(
         error,
         retry_at,
         charge,
+        messages: Vec::new(),
     }
 }
 
@@ -892,6 +905,7 @@ pub async fn finish_many(
         }
         applied.insert(id, status);
     }
+
     // A job that ended without success gives back every hold it still has.
     for hold in pending_holds(&mut tx, &ended).await? {
         money.push(Op::Release {
@@ -905,6 +919,14 @@ pub async fn finish_many(
             tracing::error!(error = %e, "a job ended but its credits could not be settled or released");
         }
     }
+    // After the ledger: every transaction that touches both locks the user's accounts first
+    // and the conversations second (as a question does), so the two cannot deadlock.
+    let messages: Vec<crate::chat::Message> = finishes
+        .iter()
+        .filter(|f| applied.get(&f.id) == Some(&Status::Succeeded))
+        .flat_map(|f| f.messages.iter().cloned())
+        .collect();
+    crate::chat::insert_many(&mut tx, &messages).await?;
     queue::push(&mut tx, &pushes).await?;
     if !money.is_empty() && !settle_pause.is_zero() {
         tracing::warn!(

@@ -109,9 +109,14 @@ pub struct Services {
     pub catalog: tally_workflows::ai::Catalog,
     /// Where generated images are written.
     pub image_dir: std::path::PathBuf,
-    /// Chat replies of all this process's attempts, group-committed (set by the worker pool).
-    pub replies: Option<tally_workflows::batch::Batcher<tally_workflows::chat::Message, ()>>,
+    /// Conversation histories for the chat jobs of this process, read in batches (set by the
+    /// worker pool; without it each job reads its own).
+    pub histories: Option<Histories>,
 }
+
+/// Reads `(conversation, job)` histories in batches: see [`tally_workflows::chat::histories_for`].
+pub type Histories =
+    tally_workflows::batch::Batcher<(String, String), Option<Vec<tally_workflows::chat::Message>>>;
 
 impl Services {
     /// The configured providers and models; with none configured, the offline provider.
@@ -125,7 +130,7 @@ impl Services {
                 providers: Providers::offline(),
                 catalog,
                 image_dir,
-                replies: None,
+                histories: None,
             });
         }
         let mut providers = Vec::with_capacity(cfg.providers.len());
@@ -172,7 +177,7 @@ impl Services {
             providers: Providers::new(providers, routes),
             catalog,
             image_dir,
-            replies: None,
+            histories: None,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! `chat`: answers the question a user asked in a conversation. The reply is stored under an id
-//! derived from the job (a rerun never adds a second one) and the job's cost is the reply's
-//! actual usage, priced by the catalog; the job settles that, at most what it reserved.
+//! derived from the job, in the transaction that records the job's success and settles its
+//! cost (the reply's actual usage, priced by the catalog, at most what it reserved): a reply
+//! exists exactly when it was paid for.
 
 use serde_json::{Value, json};
 use tally_workflows::chat;
@@ -35,9 +36,15 @@ pub async fn run(
     let model = ai.catalog.get(&model_id).ok_or_else(|| {
         JobFailure::Fatal(format!("model {model_id:?} is no longer in the catalog"))
     })?;
-    // A reply stored by an earlier attempt that died before finishing: charge it, do not ask
-    // (and pay the provider) again.
-    if let Some(reply) = chat::reply_of(ctx.db(), ctx.job_id()).await? {
+    // The reply is stored with the outcome that pays for it, so a job that can run again has
+    // none. A reply found anyway (stored by a Tally release that wrote replies before their
+    // outcome) is charged, not asked for again. A first attempt cannot have one.
+    let earlier = if ctx.attempt > 1 {
+        chat::reply_of(ctx.db(), ctx.job_id()).await?
+    } else {
+        None
+    };
+    if let Some(reply) = earlier {
         let (i, o) = (
             u64::try_from(reply.input_tokens.unwrap_or(0)).unwrap_or(0),
             u64::try_from(reply.output_tokens.unwrap_or(0)).unwrap_or(0),
@@ -54,12 +61,16 @@ pub async fn run(
             Some(credits),
         ));
     }
-    let history = match chat::history_for(ctx.db(), &conversation, ctx.job_id()).await {
-        Ok(h) => h,
-        Err(tally_workflows::DbError::Corrupt(why)) => return Err(JobFailure::Fatal(why)),
-        Err(e) => return Err(e.into()),
-    };
-    ctx.checkpoint().await?;
+    let ask = (conversation.clone(), ctx.job_id().to_owned());
+    let history = match &ai.histories {
+        Some(batch) => batch.call(ask).await?,
+        None => chat::histories_for(ctx.db(), vec![ask])
+            .await?
+            .pop()
+            .flatten(),
+    }
+    .ok_or_else(|| JobFailure::Fatal("the question is missing from its conversation".to_owned()))?;
+    // No cancel check here: the claim that started this attempt just refused cancelled jobs.
     let request = ChatRequest {
         model: model_id.clone(),
         messages: history
@@ -92,12 +103,7 @@ pub async fn run(
         created_at: 0,
     };
     let stored = chat::reply_message(&conversation, ctx.job_id(), stored);
-    match &ai.replies {
-        Some(batch) => batch.call(stored).await?,
-        None => chat::store_replies(ctx.db(), vec![stored])
-            .await
-            .map(|_| ())?,
-    }
+    ctx.store_on_success(stored);
     Ok((
         json!({
             "conversation_id": conversation,
