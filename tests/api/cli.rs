@@ -182,11 +182,13 @@ async fn dev_runs_everything_with_an_admin_key(backend: Backend) {
         done["result"], "hi",
         "dev ran the job with its own workers: {done}"
     );
-    // A client following a long job does not hold up shutdown.
+    // A client following a job that is far from done does not hold up shutdown. (The job
+    // waits for its start time: a running one would hold shutdown for the grace period, which
+    // is what that period is for.)
     let long: Value = client
         .post(format!("{base}/v1/jobs"))
         .bearer_auth("tly_from_the_environment")
-        .json(&serde_json::json!({"kind": "sleep", "input": {"ms": 600000}}))
+        .json(&serde_json::json!({"kind": "sleep", "input": {"ms": 600000}, "run_at": "2099-01-01T00:00:00Z"}))
         .send()
         .await
         .unwrap()

@@ -89,8 +89,21 @@ impl WorkerPool {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), DbError> {
+        // Claims are bookkeeping: on Postgres they commit without waiting for the disk, in a
+        // pool of their own (see `pg_options_bookkeeping`).
+        let claims_db = match &self.db {
+            Db::Postgres(_) => Db::Postgres(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(4)
+                    .connect_with(tally_workflows::db::pg_options_bookkeeping(
+                        &self.cfg.database_url(),
+                    )?)
+                    .await?,
+            ),
+            Db::Sqlite(_) => self.db.clone(),
+        };
         let claims = {
-            let (db, name) = (self.db.clone(), self.name.clone());
+            let (db, name) = (claims_db.clone(), self.name.clone());
             Batcher::spawn(MAX_BATCH, move |ids: Vec<String>| {
                 let (db, name) = (db.clone(), name.clone());
                 async move { jobs::claim_many(&db, &name, &ids).await }
@@ -140,12 +153,16 @@ impl WorkerPool {
         // apalis gets a pool of its own on Postgres. On shutdown it drops a fetch that may have
         // sent BEGIN, and sqlx then returns that connection still inside the transaction (see
         // `Db::begin`); in its own pool, that connection only ever runs apalis' transactions,
-        // whose next COMMIT closes it, and never Tally's autocommit statements.
+        // whose next COMMIT closes it, and never Tally's autocommit statements. What apalis
+        // writes there (task locks, heartbeats) is bookkeeping: it commits without waiting for
+        // the disk (see `pg_options_bookkeeping`).
         let apalis_pool = match &self.db {
             Db::Postgres(_) => Some(
                 sqlx::postgres::PgPoolOptions::new()
                     .max_connections(2 + 2 * w.queues.len() as u32)
-                    .connect_with(tally_workflows::db::pg_options(&self.cfg.database_url())?)
+                    .connect_with(tally_workflows::db::pg_options_bookkeeping(
+                        &self.cfg.database_url(),
+                    )?)
                     .await?,
             ),
             Db::Sqlite(_) => None,

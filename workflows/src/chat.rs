@@ -8,7 +8,7 @@ use crate::{
     Db, DbError,
     db::Tx,
     jobs::{self, Job, JobError, NewJob},
-    now_ms, rfc3339, with_pool, with_tx,
+    now_ms, rfc3339, with_pool,
 };
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -234,28 +234,69 @@ pub async fn ask_many(
 
 /// Inserts messages (a message already stored is kept) and touches their conversations.
 pub(crate) async fn insert_many(tx: &mut Tx, ms: &[Message]) -> Result<(), DbError> {
-    for chunk in ms.chunks(500) {
-        if chunk.is_empty() {
-            continue;
+    let Some(first) = ms.first() else {
+        return Ok(());
+    };
+    match tx {
+        // One statement, one round trip, whatever the number of messages.
+        Tx::Postgres(tx) => {
+            let text = |f: fn(&Message) -> &str| ms.iter().map(f).collect::<Vec<&str>>();
+            let opt = |f: fn(&Message) -> Option<&str>| ms.iter().map(f).collect::<Vec<_>>();
+            let int = |f: fn(&Message) -> Option<i64>| ms.iter().map(f).collect::<Vec<_>>();
+            let mut conversations = text(|m| &m.conversation_id);
+            conversations.sort_unstable();
+            conversations.dedup();
+            let sql = format!(
+                "WITH m AS (INSERT INTO ai_messages ({MESSAGE_COLUMNS}) SELECT * FROM \
+                 UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                 $7::text[], $8::bigint[], $9::bigint[], $10::bigint[]) ON CONFLICT (id) DO NOTHING) \
+                 UPDATE ai_conversations SET updated_at = $11 WHERE id = ANY($12)"
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(text(|m| &m.id))
+                .bind(text(|m| &m.conversation_id))
+                .bind(text(|m| &m.role))
+                .bind(text(|m| &m.content))
+                .bind(opt(|m| m.job_id.as_deref()))
+                .bind(opt(|m| m.model.as_deref()))
+                .bind(opt(|m| m.provider.as_deref()))
+                .bind(int(|m| m.input_tokens))
+                .bind(int(|m| m.output_tokens))
+                .bind(int(|m| Some(m.created_at)))
+                .bind(first.created_at)
+                .bind(&conversations)
+                .execute(&mut **tx)
+                .await?;
         }
-        with_tx!(tx, conn => {
-            let mut qb = sqlx::QueryBuilder::new(format!("INSERT INTO ai_messages ({MESSAGE_COLUMNS}) "));
-            qb.push_values(chunk, |mut b, m| {
-                b.push_bind(&m.id).push_bind(&m.conversation_id).push_bind(&m.role).push_bind(&m.content)
-                    .push_bind(&m.job_id).push_bind(&m.model).push_bind(&m.provider)
-                    .push_bind(m.input_tokens).push_bind(m.output_tokens).push_bind(m.created_at);
-            });
-            qb.push(" ON CONFLICT (id) DO NOTHING");
-            qb.build().execute(&mut *conn).await?;
-            let mut qb = sqlx::QueryBuilder::new("UPDATE ai_conversations SET updated_at = ");
-            qb.push_bind(chunk[0].created_at).push(" WHERE id IN (");
-            let mut list = qb.separated(", ");
-            for m in chunk {
-                list.push_bind(&m.conversation_id);
+        Tx::Sqlite(tx) => {
+            for chunk in ms.chunks(500) {
+                let mut qb = sqlx::QueryBuilder::new(format!(
+                    "INSERT INTO ai_messages ({MESSAGE_COLUMNS}) "
+                ));
+                qb.push_values(chunk, |mut b, m| {
+                    b.push_bind(&m.id)
+                        .push_bind(&m.conversation_id)
+                        .push_bind(&m.role)
+                        .push_bind(&m.content)
+                        .push_bind(&m.job_id)
+                        .push_bind(&m.model)
+                        .push_bind(&m.provider)
+                        .push_bind(m.input_tokens)
+                        .push_bind(m.output_tokens)
+                        .push_bind(m.created_at);
+                });
+                qb.push(" ON CONFLICT (id) DO NOTHING");
+                qb.build().execute(&mut **tx).await?;
+                let mut qb = sqlx::QueryBuilder::new("UPDATE ai_conversations SET updated_at = ");
+                qb.push_bind(chunk[0].created_at).push(" WHERE id IN (");
+                let mut list = qb.separated(", ");
+                for m in chunk {
+                    list.push_bind(&m.conversation_id);
+                }
+                qb.push(")");
+                qb.build().execute(&mut **tx).await?;
             }
-            qb.push(")");
-            qb.build().execute(&mut *conn).await?;
-        });
+        }
     }
     Ok(())
 }

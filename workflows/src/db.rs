@@ -113,6 +113,16 @@ pub fn pg_options(url: &str) -> Result<sqlx::postgres::PgConnectOptions, DbError
     Ok(opts.options([("plan_cache_mode", "force_generic_plan")]))
 }
 
+/// [`pg_options`] for a pool that only writes queue bookkeeping a crash may lose without harm
+/// (apalis' task locks and heartbeats, Tally's claims of jobs): its commits do not wait for
+/// the disk (`synchronous_commit = off`). Postgres stays consistent: a commit it loses is
+/// only the most recent ones, and any later commit that does wait (an outcome, a ledger
+/// transfer) flushes everything before it. A claim lost that way leaves its job queued, to run
+/// again, as it would had the worker died. Money and outcomes never go through such a pool.
+pub fn pg_options_bookkeeping(url: &str) -> Result<sqlx::postgres::PgConnectOptions, DbError> {
+    Ok(pg_options(url)?.options([("synchronous_commit", "off")]))
+}
+
 impl Db {
     /// Connects to `postgres://...` or `sqlite://FILE` (the file and its folder are created).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db, DbError> {

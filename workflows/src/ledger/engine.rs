@@ -397,18 +397,16 @@ impl Batch {
     }
 
     async fn write(self, tx: &mut Tx) -> Result<(), DbError> {
-        sql::insert_transfers(tx, &self.new_transfers).await?;
         let changed: Vec<&Reservation> = self
             .changed_reservations
             .iter()
             .filter_map(|id| self.reservations.get(id))
             .collect();
-        sql::upsert_reservations(tx, &changed).await?;
         let balances: Vec<(&String, i64)> = self
             .changed_accounts
             .iter()
             .filter_map(|id| self.balances.get(id).map(|b| (id, *b)))
             .collect();
-        sql::set_balances(tx, &balances, self.now).await
+        sql::write_batch(tx, &self.new_transfers, &changed, &balances, self.now).await
     }
 }

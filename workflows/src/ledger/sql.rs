@@ -127,175 +127,144 @@ pub(super) async fn transfers_by_id(tx: &mut Tx, ids: &[&str]) -> Result<Vec<Tra
     }
 }
 
-/// Draws the batch's place in the order of transfers. Call it while holding the locks of every
-/// account the batch touches (see the `ledger_transfers` migration).
-async fn next_order(tx: &mut Tx) -> Result<i64, DbError> {
-    Ok(match tx {
-        Tx::Postgres(tx) => {
-            sqlx::query_scalar("SELECT nextval('ledger_order')")
-                .fetch_one(&mut **tx)
-                .await?
-        }
-        Tx::Sqlite(tx) => {
-            sqlx::query_scalar(
-                "UPDATE ledger_order SET next = next + 1 WHERE id = 1 RETURNING next",
-            )
-            .fetch_one(&mut **tx)
-            .await?
-        }
-    })
-}
-
-/// Inserts a batch's new transfers, in the order they were made.
-pub(super) async fn insert_transfers(tx: &mut Tx, ts: &[Transfer]) -> Result<(), DbError> {
-    if ts.is_empty() {
-        return Ok(());
-    }
-    let ord = next_order(tx).await?;
-    match tx {
-        Tx::Postgres(tx) => {
-            let col = |f: fn(&Transfer) -> &str| ts.iter().map(f).collect::<Vec<&str>>();
-            let opt = |f: fn(&Transfer) -> Option<&str>| ts.iter().map(f).collect::<Vec<_>>();
-            sqlx::query(
-                "INSERT INTO ledger_transfers (id, debit, credit, amount, kind, user_id, \
-                 reservation_id, job_id, memo, created_at, ord, pos) \
-                 SELECT id, debit, credit, amount, kind, user_id, reservation_id, job_id, memo, \
-                 created_at, $11, (pos - 1)::int FROM UNNEST($1::text[], $2::text[], $3::text[], \
-                 $4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
-                 $10::bigint[]) WITH ORDINALITY AS v (id, debit, credit, amount, kind, user_id, \
-                 reservation_id, job_id, memo, created_at, pos)",
-            )
-            .bind(col(|t| &t.id))
-            .bind(col(|t| &t.debit))
-            .bind(col(|t| &t.credit))
-            .bind(ts.iter().map(|t| t.amount).collect::<Vec<i64>>())
-            .bind(col(|t| &t.kind))
-            .bind(opt(|t| t.user_id.as_deref()))
-            .bind(opt(|t| t.reservation_id.as_deref()))
-            .bind(opt(|t| t.job_id.as_deref()))
-            .bind(opt(|t| t.memo.as_deref()))
-            .bind(ts.iter().map(|t| t.created_at).collect::<Vec<i64>>())
-            .bind(ord)
-            .execute(&mut **tx)
-            .await?;
-        }
-        Tx::Sqlite(tx) => {
-            for (c, chunk) in ts.chunks(CHUNK).enumerate() {
-                let mut qb = sqlx::QueryBuilder::new(
-                    "INSERT INTO ledger_transfers (id, debit, credit, amount, kind, user_id, \
-                     reservation_id, job_id, memo, created_at, ord, pos) ",
-                );
-                let mut pos = (c * CHUNK) as i32;
-                qb.push_values(chunk, |mut b, t| {
-                    pos += 1;
-                    b.push_bind(&t.id)
-                        .push_bind(&t.debit)
-                        .push_bind(&t.credit)
-                        .push_bind(t.amount)
-                        .push_bind(&t.kind)
-                        .push_bind(&t.user_id)
-                        .push_bind(&t.reservation_id)
-                        .push_bind(&t.job_id)
-                        .push_bind(&t.memo)
-                        .push_bind(t.created_at)
-                        .push_bind(ord)
-                        .push_bind(pos - 1);
-                });
-                qb.build().execute(&mut **tx).await?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Inserts new reservations and stores the new state of changed ones.
-pub(super) async fn upsert_reservations(tx: &mut Tx, rs: &[&Reservation]) -> Result<(), DbError> {
-    if rs.is_empty() {
-        return Ok(());
-    }
-    const UPSERT: &str = " ON CONFLICT (id) DO UPDATE SET settled = excluded.settled, \
-        state = excluded.state, closed_at = excluded.closed_at";
-    match tx {
-        Tx::Postgres(tx) => {
-            let text = |f: fn(&Reservation) -> &str| rs.iter().map(|r| f(r)).collect::<Vec<_>>();
-            let int =
-                |f: fn(&Reservation) -> Option<i64>| rs.iter().map(|r| f(r)).collect::<Vec<_>>();
-            let sql = format!(
-                "INSERT INTO ledger_reservations (id, user_id, amount, settled, state, job_id, \
-                 expires_at, created_at, closed_at) \
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], \
-                 $6::text[], $7::bigint[], $8::bigint[], $9::bigint[]){UPSERT}"
-            );
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(text(|r| &r.id))
-                .bind(text(|r| &r.user_id))
-                .bind(int(|r| Some(r.amount)))
-                .bind(int(|r| r.settled))
-                .bind(text(|r| &r.state))
-                .bind(rs.iter().map(|r| r.job_id.as_deref()).collect::<Vec<_>>())
-                .bind(int(|r| r.expires_at))
-                .bind(int(|r| Some(r.created_at)))
-                .bind(int(|r| r.closed_at))
-                .execute(&mut **tx)
-                .await?;
-        }
-        Tx::Sqlite(tx) => {
-            for chunk in rs.chunks(CHUNK) {
-                let mut qb = sqlx::QueryBuilder::new(
-                    "INSERT INTO ledger_reservations (id, user_id, amount, settled, state, job_id, \
-                     expires_at, created_at, closed_at) ",
-                );
-                qb.push_values(chunk, |mut b, r| {
-                    b.push_bind(&r.id)
-                        .push_bind(&r.user_id)
-                        .push_bind(r.amount)
-                        .push_bind(r.settled)
-                        .push_bind(&r.state)
-                        .push_bind(&r.job_id)
-                        .push_bind(r.expires_at)
-                        .push_bind(r.created_at)
-                        .push_bind(r.closed_at);
-                });
-                qb.push(UPSERT);
-                qb.build().execute(&mut **tx).await?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Writes new balances of locked accounts.
-pub(super) async fn set_balances(
+/// Writes a batch: its new transfers (in the order they were made, under one new place in the
+/// order of transfers), its new and changed reservations and the new balances of its accounts.
+/// On Postgres this is one statement: a batch's writes make one round trip, not four.
+pub(super) async fn write_batch(
     tx: &mut Tx,
+    ts: &[Transfer],
+    rs: &[&Reservation],
     balances: &[(&String, i64)],
     now: i64,
 ) -> Result<(), DbError> {
-    if balances.is_empty() {
-        return Ok(());
-    }
-    match tx {
-        Tx::Postgres(tx) => {
-            sqlx::query(
-                "UPDATE ledger_accounts SET balance = v.balance, updated_at = $3 \
-                 FROM UNNEST($1::text[], $2::bigint[]) AS v (id, balance) WHERE ledger_accounts.id = v.id",
-            )
-            .bind(balances.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
-            .bind(balances.iter().map(|(_, b)| *b).collect::<Vec<i64>>())
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
+    let pg = match tx {
+        Tx::Postgres(pg) => pg,
+        Tx::Sqlite(lite) => return sqlite_write_batch(lite, ts, rs, balances, now).await,
+    };
+    let col = |f: fn(&Transfer) -> &str| ts.iter().map(f).collect::<Vec<&str>>();
+    let opt = |f: fn(&Transfer) -> Option<&str>| ts.iter().map(f).collect::<Vec<_>>();
+    let text = |f: fn(&Reservation) -> &str| rs.iter().map(|r| f(r)).collect::<Vec<_>>();
+    let int = |f: fn(&Reservation) -> Option<i64>| rs.iter().map(|r| f(r)).collect::<Vec<_>>();
+    // The order number is drawn only if there are transfers (the subquery runs for the first
+    // row), while this transaction holds every account the batch touches.
+    sqlx::query(
+        "WITH t AS (INSERT INTO ledger_transfers (id, debit, credit, amount, kind, user_id, \
+         reservation_id, job_id, memo, created_at, ord, pos) \
+         SELECT id, debit, credit, amount, kind, user_id, reservation_id, job_id, memo, \
+         created_at, (SELECT nextval('ledger_order')), (pos - 1)::int FROM UNNEST($1::text[], \
+         $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[], \
+         $9::text[], $10::bigint[]) WITH ORDINALITY AS v (id, debit, credit, amount, kind, \
+         user_id, reservation_id, job_id, memo, created_at, pos)), \
+         r AS (INSERT INTO ledger_reservations (id, user_id, amount, settled, state, job_id, \
+         expires_at, created_at, closed_at) \
+         SELECT * FROM UNNEST($11::text[], $12::text[], $13::bigint[], $14::bigint[], \
+         $15::text[], $16::text[], $17::bigint[], $18::bigint[], $19::bigint[]) \
+         ON CONFLICT (id) DO UPDATE SET settled = excluded.settled, state = excluded.state, \
+         closed_at = excluded.closed_at) \
+         UPDATE ledger_accounts SET balance = v.balance, updated_at = $22 \
+         FROM UNNEST($20::text[], $21::bigint[]) AS v (id, balance) WHERE ledger_accounts.id = v.id",
+    )
+    .bind(col(|t| &t.id))
+    .bind(col(|t| &t.debit))
+    .bind(col(|t| &t.credit))
+    .bind(ts.iter().map(|t| t.amount).collect::<Vec<i64>>())
+    .bind(col(|t| &t.kind))
+    .bind(opt(|t| t.user_id.as_deref()))
+    .bind(opt(|t| t.reservation_id.as_deref()))
+    .bind(opt(|t| t.job_id.as_deref()))
+    .bind(opt(|t| t.memo.as_deref()))
+    .bind(ts.iter().map(|t| t.created_at).collect::<Vec<i64>>())
+    .bind(text(|r| &r.id))
+    .bind(text(|r| &r.user_id))
+    .bind(int(|r| Some(r.amount)))
+    .bind(int(|r| r.settled))
+    .bind(text(|r| &r.state))
+    .bind(rs.iter().map(|r| r.job_id.as_deref()).collect::<Vec<_>>())
+    .bind(int(|r| r.expires_at))
+    .bind(int(|r| Some(r.created_at)))
+    .bind(int(|r| r.closed_at))
+    .bind(balances.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
+    .bind(balances.iter().map(|(_, b)| *b).collect::<Vec<i64>>())
+    .bind(now)
+    .execute(&mut **pg)
+    .await?;
+    Ok(())
+}
+
+/// [`write_batch`] on SQLite: a statement per table (and per chunk of rows); SQLite runs in
+/// this process, so statements cost no round trip.
+async fn sqlite_write_batch(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    ts: &[Transfer],
+    rs: &[&Reservation],
+    balances: &[(&String, i64)],
+    now: i64,
+) -> Result<(), DbError> {
+    if !ts.is_empty() {
+        // The batch's place in the order of transfers, drawn while this transaction holds the
+        // database (see the `ledger_transfers` migration).
+        let ord: i64 = sqlx::query_scalar(
+            "UPDATE ledger_order SET next = next + 1 WHERE id = 1 RETURNING next",
+        )
+        .fetch_one(&mut **tx)
+        .await?;
+        for (c, chunk) in ts.chunks(CHUNK).enumerate() {
+            let mut qb = sqlx::QueryBuilder::new(
+                "INSERT INTO ledger_transfers (id, debit, credit, amount, kind, user_id, \
+                 reservation_id, job_id, memo, created_at, ord, pos) ",
+            );
+            let mut pos = (c * CHUNK) as i32;
+            qb.push_values(chunk, |mut b, t| {
+                pos += 1;
+                b.push_bind(&t.id)
+                    .push_bind(&t.debit)
+                    .push_bind(&t.credit)
+                    .push_bind(t.amount)
+                    .push_bind(&t.kind)
+                    .push_bind(&t.user_id)
+                    .push_bind(&t.reservation_id)
+                    .push_bind(&t.job_id)
+                    .push_bind(&t.memo)
+                    .push_bind(t.created_at)
+                    .push_bind(ord)
+                    .push_bind(pos - 1);
+            });
+            qb.build().execute(&mut **tx).await?;
         }
-        Tx::Sqlite(tx) => {
-            for chunk in balances.chunks(CHUNK) {
-                let mut qb = sqlx::QueryBuilder::new("WITH v (vid, vbalance) AS (");
-                qb.push_values(chunk, |mut b, (id, balance)| {
-                    b.push_bind(*id).push_bind(*balance);
-                });
-                qb.push(") UPDATE ledger_accounts SET balance = v.vbalance, updated_at = ");
-                qb.push_bind(now);
-                qb.push(" FROM v WHERE ledger_accounts.id = v.vid");
-                qb.build().execute(&mut **tx).await?;
-            }
+    }
+    if !rs.is_empty() {
+        const UPSERT: &str = " ON CONFLICT (id) DO UPDATE SET settled = excluded.settled, \
+            state = excluded.state, closed_at = excluded.closed_at";
+        for chunk in rs.chunks(CHUNK) {
+            let mut qb = sqlx::QueryBuilder::new(
+                "INSERT INTO ledger_reservations (id, user_id, amount, settled, state, job_id, \
+                 expires_at, created_at, closed_at) ",
+            );
+            qb.push_values(chunk, |mut b, r| {
+                b.push_bind(&r.id)
+                    .push_bind(&r.user_id)
+                    .push_bind(r.amount)
+                    .push_bind(r.settled)
+                    .push_bind(&r.state)
+                    .push_bind(&r.job_id)
+                    .push_bind(r.expires_at)
+                    .push_bind(r.created_at)
+                    .push_bind(r.closed_at);
+            });
+            qb.push(UPSERT);
+            qb.build().execute(&mut **tx).await?;
+        }
+    }
+    if !balances.is_empty() {
+        for chunk in balances.chunks(CHUNK) {
+            let mut qb = sqlx::QueryBuilder::new("WITH v (vid, vbalance) AS (");
+            qb.push_values(chunk, |mut b, (id, balance)| {
+                b.push_bind(*id).push_bind(*balance);
+            });
+            qb.push(") UPDATE ledger_accounts SET balance = v.vbalance, updated_at = ");
+            qb.push_bind(now);
+            qb.push(" FROM v WHERE ledger_accounts.id = v.vid");
+            qb.build().execute(&mut **tx).await?;
         }
     }
     Ok(())
