@@ -96,21 +96,9 @@ fn migrator(base: &Migrator) -> Migrator {
     m
 }
 
-/// Connection options for a `postgres://` URL, with the planner setting Tally runs with:
-/// `plan_cache_mode = force_generic_plan`. Tally's statements are short lookups and batch
-/// writes by key, prepared once per connection; by default Postgres plans such a statement
-/// again on every execution while a custom plan looks cheaper than the generic one, which in
-/// the chat benchmark was an eighth of the database's CPU. A URL that sets `plan_cache_mode`
-/// itself (`?options=-c%20plan_cache_mode%3Dauto`) keeps its own.
+/// Connection options for a `postgres://` URL.
 pub fn pg_options(url: &str) -> Result<sqlx::postgres::PgConnectOptions, DbError> {
-    let opts = sqlx::postgres::PgConnectOptions::from_str(url)?;
-    if opts
-        .get_options()
-        .is_some_and(|o| o.contains("plan_cache_mode"))
-    {
-        return Ok(opts);
-    }
-    Ok(opts.options([("plan_cache_mode", "force_generic_plan")]))
+    Ok(sqlx::postgres::PgConnectOptions::from_str(url)?)
 }
 
 /// [`pg_options`] for a pool that only writes queue bookkeeping a crash may lose without harm
