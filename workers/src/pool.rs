@@ -346,9 +346,8 @@ async fn run_attempt(job_id: &str, task_id: &str, rt: &Runtime) -> Result<(), Db
     let mut finish = jobs::plan(&claimed, outcome, |n| {
         retry::delay(n, rt.retry_base, rt.retry_max)
     });
-    if finish.status == Status::Succeeded {
-        finish.messages = staged;
-    }
+    // Written only if the job's success is applied (see `Finish::messages`).
+    finish.messages = staged;
     let completion = Completion {
         task_id: task_id.to_owned(),
         finish: Some(finish),

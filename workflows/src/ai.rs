@@ -266,12 +266,24 @@ pub struct Preferences {
     pub max_tokens: Option<u32>,
 }
 
+/// A user's `ai_preferences` row (all `NULL` when the user has none).
 #[derive(sqlx::FromRow)]
-struct PreferencesRow {
+pub(crate) struct PreferencesRow {
     chat_model: Option<String>,
     image_model: Option<String>,
     temperature: Option<f64>,
     max_tokens: Option<i64>,
+}
+
+impl From<PreferencesRow> for Preferences {
+    fn from(r: PreferencesRow) -> Preferences {
+        Preferences {
+            chat_model: r.chat_model,
+            image_model: r.image_model,
+            temperature: r.temperature,
+            max_tokens: r.max_tokens.and_then(|n| u32::try_from(n).ok()),
+        }
+    }
 }
 
 pub async fn preferences(db: &Db, user_id: &str) -> Result<Preferences, DbError> {
@@ -280,12 +292,7 @@ pub async fn preferences(db: &Db, user_id: &str) -> Result<Preferences, DbError>
         sqlx::query_as(sql).bind(user_id).fetch_optional(pool).await?
     });
     Ok(match row {
-        Some(r) => Preferences {
-            chat_model: r.chat_model,
-            image_model: r.image_model,
-            temperature: r.temperature,
-            max_tokens: r.max_tokens.and_then(|n| u32::try_from(n).ok()),
-        },
+        Some(r) => r.into(),
         None => Preferences {
             chat_model: None,
             image_model: None,

@@ -118,10 +118,8 @@ pub struct QuestionContext {
 struct QuestionContextRow {
     #[sqlx(flatten)]
     conversation: Conversation,
-    chat_model: Option<String>,
-    image_model: Option<String>,
-    temperature: Option<f64>,
-    max_tokens: Option<i64>,
+    #[sqlx(flatten)]
+    preferences: crate::ai::PreferencesRow,
     history_tokens: i64,
 }
 
@@ -143,12 +141,7 @@ pub async fn question_context(
     });
     Ok(row.map(|r| QuestionContext {
         conversation: r.conversation,
-        preferences: crate::ai::Preferences {
-            chat_model: r.chat_model,
-            image_model: r.image_model,
-            temperature: r.temperature,
-            max_tokens: r.max_tokens.and_then(|n| u32::try_from(n).ok()),
-        },
+        preferences: r.preferences.into(),
         history_tokens: u64::try_from(r.history_tokens).unwrap_or(0),
     }))
 }
@@ -325,15 +318,18 @@ pub async fn histories_for(
                 .await?
         }
         Db::Sqlite(pool) => {
-            let mut qb = sqlx::QueryBuilder::new(format!(
-                "SELECT {MESSAGE_COLUMNS} FROM ai_messages WHERE conversation_id IN ("
-            ));
-            let mut list = qb.separated(", ");
-            for id in &ids {
-                list.push_bind(*id);
-            }
-            qb.push(") ORDER BY conversation_id, created_at, id");
-            qb.build_query_as().fetch_all(pool).await?
+            let head =
+                format!("SELECT {MESSAGE_COLUMNS} FROM ai_messages WHERE conversation_id IN (");
+            let mut rows: Vec<Message> =
+                crate::db::sqlite_select_in(&mut *pool.acquire().await?, &head, &ids).await?;
+            rows.sort_unstable_by(|a, b| {
+                (&a.conversation_id, a.created_at, &a.id).cmp(&(
+                    &b.conversation_id,
+                    b.created_at,
+                    &b.id,
+                ))
+            });
+            rows
         }
     };
     let mut by_conversation: std::collections::HashMap<&str, Vec<&Message>> =

@@ -96,19 +96,14 @@ fn migrator(base: &Migrator) -> Migrator {
     m
 }
 
-/// Connection options for a `postgres://` URL.
-pub fn pg_options(url: &str) -> Result<sqlx::postgres::PgConnectOptions, DbError> {
-    Ok(sqlx::postgres::PgConnectOptions::from_str(url)?)
-}
-
-/// [`pg_options`] for a pool that only writes queue bookkeeping a crash may lose without harm
+/// Connection options for a `postgres://` URL, for a pool that only writes queue bookkeeping a crash may lose without harm
 /// (apalis' task locks and heartbeats, Tally's claims of jobs): its commits do not wait for
 /// the disk (`synchronous_commit = off`). Postgres stays consistent: a commit it loses is
 /// only the most recent ones, and any later commit that does wait (an outcome, a ledger
 /// transfer) flushes everything before it. A claim lost that way leaves its job queued, to run
 /// again, as it would had the worker died. Money and outcomes never go through such a pool.
 pub fn pg_options_bookkeeping(url: &str) -> Result<sqlx::postgres::PgConnectOptions, DbError> {
-    Ok(pg_options(url)?.options([("synchronous_commit", "off")]))
+    Ok(sqlx::postgres::PgConnectOptions::from_str(url)?.options([("synchronous_commit", "off")]))
 }
 
 impl Db {
@@ -118,7 +113,7 @@ impl Db {
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(10))
-                .connect_with(pg_options(url)?)
+                .connect(url)
                 .await?;
             Ok(Db::Postgres(pool))
         } else if let Some(path) = url
@@ -264,4 +259,27 @@ impl Tx {
 /// True when the error is a unique-constraint violation (same on both databases).
 pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(e) if e.is_unique_violation())
+}
+
+/// `head` (a `SELECT ... WHERE x IN (`) over `ids`, in chunks SQLite can bind (it allows
+/// 32,766 bound values per statement).
+pub(crate) async fn sqlite_select_in<T>(
+    conn: &mut sqlx::SqliteConnection,
+    head: &str,
+    ids: &[&str],
+) -> Result<Vec<T>, DbError>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+{
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(1000) {
+        let mut qb = sqlx::QueryBuilder::new(head);
+        let mut list = qb.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        qb.push(")");
+        out.extend(qb.build_query_as::<T>().fetch_all(&mut *conn).await?);
+    }
+    Ok(out)
 }

@@ -16,11 +16,7 @@ pub async fn run(
     ctx: &mut JobContext,
     ai: &Services,
 ) -> Result<(Value, Option<i64>), JobFailure> {
-    let max_tokens = input
-        .get("max_tokens")
-        .and_then(Value::as_u64)
-        .and_then(|n| u32::try_from(n).ok())
-        .unwrap_or(256);
+    let max_tokens = super::u32_field(&input, "max_tokens").unwrap_or(256);
     let task = agents::get(ctx.db(), ctx.job_id())
         .await?
         .ok_or_else(|| JobFailure::Fatal("the agent task is missing".to_owned()))?;

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use tally_workflows::chat;
 
 use crate::{
-    ai::{AiError, ChatMessage, ChatRequest, Services},
+    ai::{ChatMessage, ChatRequest, Services},
     context::{JobContext, JobFailure},
 };
 
@@ -16,19 +16,9 @@ pub async fn run(
     ctx: &mut JobContext,
     ai: &Services,
 ) -> Result<(Value, Option<i64>), JobFailure> {
-    let field = |name: &str| {
-        input
-            .get(name)
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .ok_or_else(|| JobFailure::Fatal(format!("chat input has no {name}")))
-    };
-    let conversation = field("conversation_id")?;
-    let model_id = field("model")?;
-    let max_tokens = input
-        .get("max_tokens")
-        .and_then(Value::as_u64)
-        .and_then(|n| u32::try_from(n).ok());
+    let conversation = super::text_field(&input, "chat", "conversation_id")?;
+    let model_id = super::text_field(&input, "chat", "model")?;
+    let max_tokens = super::u32_field(&input, "max_tokens");
     let temperature = input
         .get("temperature")
         .and_then(Value::as_f64)
@@ -80,13 +70,11 @@ pub async fn run(
         temperature,
         max_tokens,
     };
-    let reply = match ai.providers.chat(&request).await {
-        Ok(reply) => reply,
-        Err(AiError::Retryable(e)) => return Err(JobFailure::Retryable(e)),
-        Err(e @ (AiError::Rejected(_) | AiError::NoProvider(_))) => {
-            return Err(JobFailure::Fatal(e.to_string()));
-        }
-    };
+    let reply = ai
+        .providers
+        .chat(&request)
+        .await
+        .map_err(super::provider_failure)?;
     let (input_tokens, output_tokens) = (reply.usage.input_tokens, reply.usage.output_tokens);
     let credits = model.chat_cost(input_tokens, output_tokens);
     let stored = chat::Message {

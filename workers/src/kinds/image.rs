@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use tally_workflows::images::{self, Image};
 
 use crate::{
-    ai::{AiError, ImageRequest, Services},
+    ai::{ImageRequest, Services},
     context::{JobContext, JobFailure},
 };
 
@@ -15,23 +15,14 @@ pub async fn run(
     ctx: &mut JobContext,
     ai: &Services,
 ) -> Result<(Value, Option<i64>), JobFailure> {
-    let field = |name: &str| {
-        input
-            .get(name)
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .ok_or_else(|| JobFailure::Fatal(format!("image input has no {name}")))
-    };
+    let field = |name: &str| super::text_field(&input, "image", name);
     let (prompt, model_id, size, user_id) = (
         field("prompt")?,
         field("model")?,
         field("size")?,
         field("user_id")?,
     );
-    let n = input
-        .get("n")
-        .and_then(Value::as_u64)
-        .and_then(|n| u32::try_from(n).ok())
+    let n = super::u32_field(&input, "n")
         .ok_or_else(|| JobFailure::Fatal("image input has no n".to_owned()))?;
     let model = ai.catalog.get(&model_id).ok_or_else(|| {
         JobFailure::Fatal(format!("model {model_id:?} is no longer in the catalog"))
@@ -57,13 +48,11 @@ pub async fn run(
         size: size.clone(),
         n,
     };
-    let reply = match ai.providers.image(&request).await {
-        Ok(reply) => reply,
-        Err(AiError::Retryable(e)) => return Err(JobFailure::Retryable(e)),
-        Err(e @ (AiError::Rejected(_) | AiError::NoProvider(_))) => {
-            return Err(JobFailure::Fatal(e.to_string()));
-        }
-    };
+    let reply = ai
+        .providers
+        .image(&request)
+        .await
+        .map_err(super::provider_failure)?;
     let ext = match reply.content_type.as_str() {
         "image/jpeg" => "jpg",
         "image/webp" => "webp",

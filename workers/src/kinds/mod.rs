@@ -10,7 +10,7 @@ mod sleep;
 use serde_json::Value;
 
 use crate::{
-    ai::Services,
+    ai::{AiError, Services},
     context::{JobContext, JobFailure},
 };
 
@@ -33,5 +33,31 @@ pub async fn run(
         other => Err(JobFailure::Fatal(format!(
             "this worker does not know job kind {other:?}"
         ))),
+    }
+}
+
+/// A text field of a kind's stored input; its absence means the job can never run.
+fn text_field(input: &Value, kind: &str, name: &str) -> Result<String, JobFailure> {
+    input
+        .get(name)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| JobFailure::Fatal(format!("{kind} input has no {name}")))
+}
+
+/// A whole-number field of a kind's stored input that fits a `u32`, if there is one.
+fn u32_field(input: &Value, name: &str) -> Option<u32> {
+    input
+        .get(name)
+        .and_then(Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
+}
+
+/// How a provider's failure ends the attempt: retried when another try may work, dead
+/// otherwise.
+fn provider_failure(e: AiError) -> JobFailure {
+    match e {
+        AiError::Retryable(m) => JobFailure::Retryable(m),
+        other => JobFailure::Fatal(other.to_string()),
     }
 }

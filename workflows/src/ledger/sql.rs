@@ -5,32 +5,13 @@
 use tally_ledger::{Hash, NodeId, accounts};
 
 use super::{RESERVATION_COLUMNS, Reservation, TRANSFER_COLUMNS, Transfer};
-use crate::{DbError, db::Tx};
+use crate::{
+    DbError,
+    db::{Tx, sqlite_select_in},
+};
 
 /// Rows per multi-row SQLite statement (SQLite allows 32,766 bound values).
 const CHUNK: usize = 1000;
-
-/// `head` (a `SELECT ... WHERE x IN (`) over `ids`, in chunks SQLite can bind.
-async fn sqlite_select_in<T>(
-    conn: &mut sqlx::SqliteConnection,
-    head: &str,
-    ids: &[&str],
-) -> Result<Vec<T>, DbError>
-where
-    T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
-{
-    let mut out = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(CHUNK) {
-        let mut qb = sqlx::QueryBuilder::new(head);
-        let mut list = qb.separated(", ");
-        for id in chunk {
-            list.push_bind(*id);
-        }
-        qb.push(")");
-        out.extend(qb.build_query_as::<T>().fetch_all(&mut *conn).await?);
-    }
-    Ok(out)
-}
 
 /// The reservations with these ids, locked until the transaction ends.
 pub(super) async fn reservations_for_update(
