@@ -472,7 +472,60 @@ async fn failure_after_cancel_request_is_final(backend: Backend) {
     app.stop().await;
 }
 
+/// A worker whose queue went idle takes each new job within its poll interval. apalis' own
+/// interval strategy lost its wake-up whenever a fetch outlasted the interval and found
+/// nothing: with a 1 ms interval that is every idle fetch, and the worker then slept until its
+/// next heartbeat (10 s with a 30 s lease).
+async fn an_idle_worker_takes_each_new_job_promptly(backend: Backend) {
+    let opts = Options {
+        overrides: vec![
+            ("worker.poll_ms", json!(1)),
+            ("worker.lease_secs", json!(30)),
+        ],
+        ..Default::default()
+    };
+    let Some(app) = TestApp::spawn_with(backend, opts).await else {
+        return;
+    };
+    for i in 0..10 {
+        // Idle first: the worker's fetches come back empty.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let id = app.submit(json!({"kind": "echo", "input": i})).await;
+        let job = app
+            .wait_for(&id, &["succeeded"], Duration::from_secs(3))
+            .await;
+        assert_eq!(job["result"], i);
+    }
+    app.stop().await;
+}
+
+/// On Postgres an idle worker is woken by the notification of each new task, not by its
+/// poll: with a ten-minute poll interval (and a 10 s heartbeat) a new job still runs at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_wakes_idle_workers_on_each_new_task() {
+    let opts = Options {
+        overrides: vec![
+            ("worker.poll_ms", json!(600_000)),
+            ("worker.lease_secs", json!(30)),
+        ],
+        ..Default::default()
+    };
+    let Some(app) = TestApp::spawn_with(Backend::Postgres, opts).await else {
+        return;
+    };
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        let id = app.submit(json!({"kind": "echo", "input": i})).await;
+        app.wait_for(&id, &["succeeded"], Duration::from_secs(3))
+            .await;
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+    app.stop().await;
+}
+
 crate::both_backends!(
+    an_idle_worker_takes_each_new_job_promptly,
     failure_after_cancel_request_is_final,
     submit_and_poll,
     idempotency,
