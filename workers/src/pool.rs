@@ -93,7 +93,7 @@ impl WorkerPool {
         // pool of their own (see `pg_options_bookkeeping`).
         let claims_db = match &self.db {
             Db::Postgres(_) => Db::Postgres(
-                sqlx::postgres::PgPoolOptions::new()
+                tally_workflows::db::pool_options::<sqlx::Postgres>()
                     .max_connections(4)
                     .connect_with(tally_workflows::db::pg_options_bookkeeping(
                         &self.cfg.database_url(),
@@ -158,7 +158,7 @@ impl WorkerPool {
         // the disk (see `pg_options_bookkeeping`).
         let apalis_pool = match &self.db {
             Db::Postgres(_) => Some(
-                sqlx::postgres::PgPoolOptions::new()
+                tally_workflows::db::pool_options::<sqlx::Postgres>()
                     .max_connections(2 + 2 * w.queues.len() as u32)
                     .connect_with(tally_workflows::db::pg_options_bookkeeping(
                         &self.cfg.database_url(),

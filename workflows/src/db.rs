@@ -6,8 +6,7 @@ use std::{path::Path, str::FromStr, time::Duration};
 use sqlx::{
     PgPool, Postgres, Sqlite, SqlitePool, Transaction,
     migrate::Migrator,
-    postgres::PgPoolOptions,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous},
 };
 
 /// Errors from the storage layer.
@@ -106,11 +105,33 @@ pub fn pg_options_bookkeeping(url: &str) -> Result<sqlx::postgres::PgConnectOpti
     Ok(sqlx::postgres::PgConnectOptions::from_str(url)?.options([("synchronous_commit", "off")]))
 }
 
+/// Pool settings every Tally pool shares. sqlx pings a connection each time it leaves the pool
+/// by default: a round trip before every statement outside a transaction and every `BEGIN`,
+/// about a third of a chat job's trips to Postgres. Tally pings only a connection that sat
+/// idle long enough to have been dropped by the server or a proxy in between; a connection
+/// that broke since is found by the statement that uses it, which fails like any database
+/// error.
+pub fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> {
+    sqlx::pool::PoolOptions::<DB>::new()
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
+/// How long a pooled connection may sit idle before it is checked on its way out.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(30);
+
 impl Db {
     /// Connects to `postgres://...` or `sqlite://FILE` (the file and its folder are created).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db, DbError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let pool = PgPoolOptions::new()
+            let pool = pool_options::<Postgres>()
                 .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(10))
                 .connect(url)
@@ -138,7 +159,7 @@ impl Db {
                 .pragma("cache_size", "-65536")
                 .pragma("temp_store", "memory")
                 .foreign_keys(true);
-            let pool = SqlitePoolOptions::new()
+            let pool = pool_options::<Sqlite>()
                 .max_connections(1)
                 .acquire_timeout(Duration::from_secs(30))
                 .connect_with(opts)
