@@ -169,6 +169,7 @@ async fn bench_backend(
 /// Holds one credit of `user`'s: touches only that user's two accounts.
 fn reserve_one(user: &str, i: usize) -> Op {
     Op::Reserve {
+        first: false,
         id: format!("bench:{i}:{}", uuid::Uuid::now_v7()),
         user_id: user.to_owned(),
         amount: 1,

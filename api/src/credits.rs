@@ -205,6 +205,7 @@ async fn reserve(
     let done = state
         .ledger
         .call(Op::Reserve {
+            first: false,
             id,
             user_id: user.id.clone(),
             amount,

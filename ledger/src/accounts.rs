@@ -13,6 +13,10 @@ pub const BONUSES: &str = "platform:bonuses";
 /// The counter-account of manual adjustments.
 pub const ADJUSTMENTS: &str = "platform:adjustments";
 
+/// The platform's accounts. They exist from the start (a migration creates them), so a batch
+/// never has to create one.
+pub const PLATFORM: [&str; 4] = [REVENUE, GRANTS, BONUSES, ADJUSTMENTS];
+
 /// A user's spendable balance: `user:{id}:available`.
 pub fn available(user_id: &str) -> String {
     format!("user:{user_id}:available")

@@ -360,6 +360,28 @@ impl TestApp {
         }
     }
 
+    /// The queue tasks (apalis' rows) still stored for job `id`, in any state.
+    pub async fn tasks_of(&self, id: &str) -> i64 {
+        // The payload is the job reference as JSON: `{"job_id":"..."}`.
+        let pattern = format!("%\"{id}\"%");
+        match &self.db {
+            Db::Postgres(pool) => sqlx::query_scalar(
+                "SELECT COUNT(*) FROM apalis.jobs WHERE convert_from(job, 'UTF8') LIKE $1",
+            )
+            .bind(&pattern)
+            .fetch_one(pool)
+            .await
+            .expect("count tasks"),
+            Db::Sqlite(pool) => {
+                sqlx::query_scalar("SELECT COUNT(*) FROM Jobs WHERE CAST(job AS TEXT) LIKE $1")
+                    .bind(&pattern)
+                    .fetch_one(pool)
+                    .await
+                    .expect("count tasks")
+            }
+        }
+    }
+
     /// Creates another ordinary user and returns their key.
     pub async fn new_user(&self, email: &str) -> String {
         let resp = self

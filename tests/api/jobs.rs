@@ -45,6 +45,8 @@ async fn submit_and_poll(backend: Backend) {
         ms(&job["finished_at"]),
     );
     assert!(created <= started && started <= finished, "{job}");
+    // The queue task is gone with the outcome that completed it.
+    assert_eq!(app.tasks_of(id).await, 0);
     app.stop().await;
 }
 
@@ -184,6 +186,9 @@ async fn retries_wait_for_backoff(backend: Backend) {
         start.elapsed() >= Duration::from_millis(3000),
         "two retries took at least 1 s + 2 s"
     );
+    // Each failed attempt's task was completed as its retry's task was pushed; the last
+    // attempt's task went with the success.
+    assert_eq!(app.tasks_of(&id).await, 0);
     app.stop().await;
 }
 
@@ -234,6 +239,11 @@ async fn cancel_queued(backend: Backend) {
     let id = app
         .submit(json!({"kind": "echo", "input": 1, "run_at": later}))
         .await;
+    assert_eq!(
+        app.tasks_of(&id).await,
+        1,
+        "its queue task waits for run_at"
+    );
     let resp = app
         .post(&app.user_key, &format!("/v1/jobs/{id}/cancel"), json!({}))
         .await;
@@ -246,6 +256,8 @@ async fn cancel_queued(backend: Backend) {
     assert_eq!(job["status"], "cancelled");
     assert_eq!(job["attempts"], 0);
     assert!(job["started_at"].is_null() && job["result"].is_null());
+    // The task that ran no attempt is completed all the same.
+    assert_eq!(app.tasks_of(&id).await, 0);
     assert_problem(
         app.post(&app.user_key, &format!("/v1/jobs/{id}/cancel"), json!({}))
             .await,

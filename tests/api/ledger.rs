@@ -892,7 +892,42 @@ async fn tampering_is_detected(backend: Backend) {
     app.stop().await;
 }
 
+/// The platform's accounts exist from the start, and a batch only locks the accounts the
+/// process has seen; one that has gone missing anyway (deleted here by hand, as a database
+/// replaced under a running process would lose it) is created again, not assumed.
+async fn a_missing_known_account_is_created_again(backend: Backend) {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
+        return;
+    };
+    let platform: i64 = tally_workflows::with_pool!(&app.db, pool => {
+        sqlx::query_scalar("SELECT COUNT(*) FROM ledger_accounts WHERE id LIKE 'platform:%'")
+            .fetch_one(pool).await.expect("count")
+    });
+    assert_eq!(platform, 4, "revenue, grants, bonuses and adjustments");
+    let key = app.user_key.clone();
+    app.grant(&app.user_id, 100).await;
+    assert_eq!(app.balance(&key).await, (100, 0));
+    let pattern = format!("user:{}:%", app.user_id);
+    tally_workflows::with_pool!(&app.db, pool => {
+        sqlx::query("DELETE FROM ledger_accounts WHERE id LIKE $1")
+            .bind(&pattern).execute(pool).await.expect("delete");
+    });
+    app.grant(&app.user_id, 30).await;
+    assert_eq!(app.balance(&key).await, (30, 0));
+    let resp = app
+        .post(
+            &key,
+            "/v1/credits/reserve",
+            json!({ "amount": 10, "expires_in_s": 600 }),
+        )
+        .await;
+    json_of(resp, StatusCode::CREATED).await;
+    assert_eq!(app.balance(&key).await, (20, 10));
+    app.stop().await;
+}
+
 crate::both_backends!(
+    a_missing_known_account_is_created_again,
     credits_flow,
     reservations_expire,
     concurrent_reservations_never_overdraw,

@@ -120,6 +120,7 @@ async fn run_case(db: &Db, steps: &[Step]) -> Result<(), TestCaseError> {
                 let done = ledger::run_one(
                     db,
                     Op::Reserve {
+                        first: false,
                         id: id.clone(),
                         user_id: u.clone(),
                         amount: *amount,
@@ -249,6 +250,7 @@ async fn run_case(db: &Db, steps: &[Step]) -> Result<(), TestCaseError> {
                         memo: None,
                     }),
                     Op::Reserve {
+                        first: false,
                         id: id.clone(),
                         user_id: u.clone(),
                         amount: *amount,

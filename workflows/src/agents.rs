@@ -125,6 +125,7 @@ pub async fn hold(
     ledger::run_one(
         db,
         Op::Reserve {
+            first: false,
             id: reservation_id(&task.id, idx, run),
             user_id: task.user_id.clone(),
             amount: credits,

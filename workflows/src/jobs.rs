@@ -312,6 +312,8 @@ pub async fn submit_in(
             let price = jobs[*i].price;
             holds.push(*i);
             ops.push(Op::Reserve {
+                // The reservation id derives from the job just inserted.
+                first: true,
                 id: rid.clone(),
                 user_id: job.user_id.clone(),
                 amount: price,
@@ -540,6 +542,7 @@ pub async fn retry(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
         });
         let rid = format!("job:{}:run-{}", job.id, runs + 1);
         let op = Op::Reserve {
+            first: false,
             id: rid.clone(),
             user_id: job.user_id.clone(),
             amount: price,
@@ -801,7 +804,7 @@ pub async fn finish_many(
              finished_at = CASE WHEN tally_jobs.cancel_requested AND v.vstatus = 'failed' THEN {now} ELSE v.vfinished END, \
              result = v.vresult, error = v.verror, run_at = COALESCE(v.vrun_at, tally_jobs.run_at), updated_at = {now} \
              FROM v WHERE tally_jobs.id = v.vid AND tally_jobs.status = 'running' AND tally_jobs.worker = {worker} \
-             RETURNING id, kind, priority, run_at, status, reservation_id"
+             RETURNING tally_jobs.id, kind, priority, tally_jobs.run_at, status, reservation_id"
         )
     };
     let finished = |f: &Finish| {
@@ -811,13 +814,33 @@ pub async fn finish_many(
             None
         }
     };
+    // A task is done when its attempt's outcome was stored (or it ran no attempt): on Postgres
+    // the statement that stores the outcomes also deletes those tasks (see `queue::complete`).
+    let mut tasks_done = false;
     let updated: Vec<(String, String, i32, i64, String, Option<String>)> = match &mut tx {
-        _ if finishes.is_empty() => Vec::new(),
-        // One prepared statement whatever the batch size: the outcomes travel as arrays.
         crate::db::Tx::Postgres(tx) => {
+            tasks_done = true;
+            let task_of: std::collections::HashMap<&str, &str> = items
+                .iter()
+                .filter_map(|c| {
+                    c.finish
+                        .as_ref()
+                        .map(|f| (f.id.as_str(), c.task_id.as_str()))
+                })
+                .collect();
+            let bare: Vec<&str> = items
+                .iter()
+                .filter(|c| c.finish.is_none())
+                .map(|c| c.task_id.as_str())
+                .collect();
+            // One prepared statement whatever the batch size: the outcomes travel as arrays.
             let sql = format!(
-                "WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at) AS (SELECT * FROM \
-                 UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[])) {}",
+                "WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at, vtask) AS (SELECT * FROM \
+                 UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], \
+                 $9::text[])), u AS ({}, v.vtask), \
+                 d AS (DELETE FROM apalis.jobs WHERE lock_by = ANY($10) AND id IN \
+                 (SELECT vtask FROM u UNION ALL SELECT * FROM UNNEST($11::text[]))) \
+                 SELECT id, kind, priority, run_at, status, reservation_id FROM u",
                 set("$1", "$2")
             );
             sqlx::query_as(sqlx::AssertSqlSafe(sql))
@@ -844,9 +867,18 @@ pub async fn finish_many(
                 )
                 .bind(finishes.iter().map(|f| finished(f)).collect::<Vec<_>>())
                 .bind(finishes.iter().map(|f| f.retry_at).collect::<Vec<_>>())
+                .bind(
+                    finishes
+                        .iter()
+                        .map(|f| task_of.get(f.id.as_str()).copied().unwrap_or_default())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(holders)
+                .bind(&bare)
                 .fetch_all(&mut **tx)
                 .await?
         }
+        _ if finishes.is_empty() => Vec::new(),
         crate::db::Tx::Sqlite(tx) => {
             let mut qb = sqlx::QueryBuilder::new(
                 "WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at) AS (",
@@ -935,17 +967,18 @@ pub async fn finish_many(
         );
         tokio::time::sleep(settle_pause).await;
     }
-    // A task is done when its attempt's outcome was stored (or it ran no attempt).
-    let task_ids: Vec<String> = items
-        .iter()
-        .filter(|c| {
-            c.finish
-                .as_ref()
-                .is_none_or(|f| applied.contains_key(&f.id))
-        })
-        .map(|c| c.task_id.clone())
-        .collect();
-    queue::complete(&mut tx, &task_ids, holders).await?;
+    if !tasks_done {
+        let task_ids: Vec<String> = items
+            .iter()
+            .filter(|c| {
+                c.finish
+                    .as_ref()
+                    .is_none_or(|f| applied.contains_key(&f.id))
+            })
+            .map(|c| c.task_id.clone())
+            .collect();
+        queue::complete(&mut tx, &task_ids, holders).await?;
+    }
     tx.commit().await?;
     Ok(items
         .iter()

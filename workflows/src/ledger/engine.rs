@@ -41,6 +41,7 @@ pub async fn execute(
     let mut res_ids: Vec<&str> = ops
         .iter()
         .map(|op| match op {
+            Op::Reserve { first: true, .. } => "",
             Op::Reserve { id, .. } | Op::Settle { id, .. } | Op::Release { id, .. } => id.as_str(),
             Op::Transfer(t) => t.reservation_id.as_deref().unwrap_or(""),
         })
@@ -201,6 +202,7 @@ impl Batch {
                 amount,
                 expires_at,
                 job_id,
+                ..
             } => {
                 if *amount <= 0 {
                     return Err(LedgerError::Invalid(

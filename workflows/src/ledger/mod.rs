@@ -228,6 +228,9 @@ pub enum Op {
         amount: i64,
         expires_at: Option<i64>,
         job_id: Option<String>,
+        /// The caller derived `id` from a row it inserted in this same transaction (a new
+        /// job's id): no reservation can have it yet, so the batch does not read for one.
+        first: bool,
     },
     /// Charges `amount` (all of it when `None`) to revenue and returns the rest. Settling a
     /// settled reservation changes nothing. `owner`: refuse unless it is this user's.
