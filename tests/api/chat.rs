@@ -53,6 +53,11 @@ async fn offline_conversation(backend: Backend) {
     )
     .await;
     assert_eq!(conv["messages"].as_array().map(Vec::len), Some(0), "{conv}");
+    assert_eq!(
+        app.queue_size().await,
+        0,
+        "the refused job left a queue task"
+    );
 
     app.grant(&app.user_id, 100).await;
     let asked = json_of(

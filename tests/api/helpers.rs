@@ -363,18 +363,26 @@ impl TestApp {
     /// The queue tasks (apalis' rows) still stored for job `id`, in any state.
     pub async fn tasks_of(&self, id: &str) -> i64 {
         // The payload is the job reference as JSON: `{"job_id":"..."}`.
-        let pattern = format!("%\"{id}\"%");
+        self.count_tasks(&format!("%\"{id}\"%")).await
+    }
+
+    /// All the queue tasks stored, in any state.
+    pub async fn queue_size(&self) -> i64 {
+        self.count_tasks("%").await
+    }
+
+    async fn count_tasks(&self, payload_like: &str) -> i64 {
         match &self.db {
             Db::Postgres(pool) => sqlx::query_scalar(
                 "SELECT COUNT(*) FROM apalis.jobs WHERE convert_from(job, 'UTF8') LIKE $1",
             )
-            .bind(&pattern)
+            .bind(payload_like)
             .fetch_one(pool)
             .await
             .expect("count tasks"),
             Db::Sqlite(pool) => {
                 sqlx::query_scalar("SELECT COUNT(*) FROM Jobs WHERE CAST(job AS TEXT) LIKE $1")
-                    .bind(&pattern)
+                    .bind(payload_like)
                     .fetch_one(pool)
                     .await
                     .expect("count tasks")

@@ -220,6 +220,8 @@ pub async fn submit_in(
     let now = now_ms();
     let mut out = Vec::with_capacity(jobs.len());
     let mut fresh: Vec<(usize, &'static str)> = Vec::new();
+    // Postgres: the task written with each job, by job id.
+    let mut task_ids: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     for chunk in jobs.chunks(500) {
         let rows: Vec<Job> = chunk
             .iter()
@@ -251,31 +253,87 @@ pub async fn submit_in(
                 }
             })
             .collect();
-        let inserted: Vec<String> = with_tx!(&mut *tx, conn => {
-            let mut qb = sqlx::QueryBuilder::new(
-                "INSERT INTO tally_jobs (id, user_id, kind, queue, input, priority, status, attempts, \
-                 max_attempts, idempotency_key, request_hash, run_at, created_at, updated_at, reservation_id) ",
-            );
-            qb.push_values(&rows, |mut b, j| {
-                b.push_bind(&j.id)
-                    .push_bind(&j.user_id)
-                    .push_bind(&j.kind)
-                    .push_bind(&j.queue)
-                    .push_bind(&j.input)
-                    .push_bind(j.priority)
-                    .push_bind(&j.status)
-                    .push_bind(0i32)
-                    .push_bind(j.max_attempts)
-                    .push_bind(&j.idempotency_key)
-                    .push_bind(&j.request_hash)
-                    .push_bind(j.run_at)
-                    .push_bind(j.created_at)
-                    .push_bind(j.updated_at)
-                    .push_bind(&j.reservation_id);
-            });
-            qb.push(" ON CONFLICT DO NOTHING RETURNING id");
-            qb.build_query_scalar().fetch_all(&mut *conn).await?
-        });
+        let inserted: Vec<String> = match &mut *tx {
+            // One statement writes the jobs and their queue tasks (a task only for a job it
+            // inserted: a replayed idempotency key inserts nothing).
+            crate::db::Tx::Postgres(conn) => {
+                let enqueues: Vec<Enqueue> = rows
+                    .iter()
+                    .zip(chunk)
+                    .map(|(j, new)| Enqueue {
+                        job_id: j.id.clone(),
+                        queue: new.queue,
+                        priority: j.priority,
+                        run_at_ms: j.run_at,
+                    })
+                    .collect();
+                let t = queue::PgTaskRows::of(&enqueues)?;
+                let sql = format!(
+                    "WITH j AS (INSERT INTO tally_jobs (id, user_id, kind, queue, input, priority, \
+                     status, attempts, max_attempts, idempotency_key, request_hash, run_at, \
+                     created_at, updated_at, reservation_id) \
+                     SELECT id, user_id, kind, queue, input, priority, 'queued', 0, max_attempts, \
+                     idempotency_key, request_hash, run_at, $1, $1, reservation_id FROM \
+                     UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[], \
+                     $8::int[], $9::text[], $10::text[], $11::bigint[], $12::text[]) AS v (id, \
+                     user_id, kind, queue, input, priority, max_attempts, idempotency_key, \
+                     request_hash, run_at, reservation_id) \
+                     ON CONFLICT DO NOTHING RETURNING id), t AS ({}) SELECT id FROM j",
+                    queue::pg_insert_tasks(13)
+                );
+                let col = |f: fn(&Job) -> &str| rows.iter().map(f).collect::<Vec<&str>>();
+                let opt = |f: fn(&Job) -> Option<&str>| rows.iter().map(f).collect::<Vec<_>>();
+                let int = |f: fn(&Job) -> i32| rows.iter().map(f).collect::<Vec<i32>>();
+                let ids: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                    .bind(now)
+                    .bind(col(|j| &j.id))
+                    .bind(col(|j| &j.user_id))
+                    .bind(col(|j| &j.kind))
+                    .bind(col(|j| &j.queue))
+                    .bind(col(|j| &j.input))
+                    .bind(int(|j| j.priority))
+                    .bind(int(|j| j.max_attempts))
+                    .bind(opt(|j| j.idempotency_key.as_deref()))
+                    .bind(opt(|j| j.request_hash.as_deref()))
+                    .bind(rows.iter().map(|j| j.run_at).collect::<Vec<i64>>())
+                    .bind(opt(|j| j.reservation_id.as_deref()))
+                    .bind(&t.job_ids)
+                    .bind(&t.ids)
+                    .bind(&t.queues)
+                    .bind(&t.payloads)
+                    .bind(&t.run_at_secs)
+                    .bind(&t.priorities)
+                    .fetch_all(&mut **conn)
+                    .await?;
+                task_ids.extend(t.job_ids.into_iter().zip(t.ids));
+                ids
+            }
+            crate::db::Tx::Sqlite(conn) => {
+                let mut qb = sqlx::QueryBuilder::new(
+                    "INSERT INTO tally_jobs (id, user_id, kind, queue, input, priority, status, attempts, \
+                     max_attempts, idempotency_key, request_hash, run_at, created_at, updated_at, reservation_id) ",
+                );
+                qb.push_values(&rows, |mut b, j| {
+                    b.push_bind(&j.id)
+                        .push_bind(&j.user_id)
+                        .push_bind(&j.kind)
+                        .push_bind(&j.queue)
+                        .push_bind(&j.input)
+                        .push_bind(j.priority)
+                        .push_bind(&j.status)
+                        .push_bind(0i32)
+                        .push_bind(j.max_attempts)
+                        .push_bind(&j.idempotency_key)
+                        .push_bind(&j.request_hash)
+                        .push_bind(j.run_at)
+                        .push_bind(j.created_at)
+                        .push_bind(j.updated_at)
+                        .push_bind(&j.reservation_id);
+                });
+                qb.push(" ON CONFLICT DO NOTHING RETURNING id");
+                qb.build_query_scalar().fetch_all(&mut **conn).await?
+            }
+        };
         for (row, new) in rows.into_iter().zip(chunk) {
             if inserted.contains(&row.id) {
                 fresh.push((out.len(), new.queue));
@@ -352,6 +410,22 @@ pub async fn submit_in(
             qb.push(")");
             qb.build().execute(&mut *conn).await?;
         });
+        // On Postgres their queue tasks were written with them: they go too.
+        let tasks: Vec<&str> = refused
+            .iter()
+            .filter_map(|(id, _)| task_ids.get(id).map(String::as_str))
+            .collect();
+        if let crate::db::Tx::Postgres(conn) = &mut *tx
+            && !tasks.is_empty()
+        {
+            sqlx::query("DELETE FROM apalis.jobs WHERE id = ANY($1)")
+                .bind(&tasks)
+                .execute(&mut **conn)
+                .await?;
+        }
+    }
+    if matches!(tx, crate::db::Tx::Postgres(_)) {
+        return Ok(out);
     }
     let pushes: Vec<Enqueue> = fresh
         .iter()

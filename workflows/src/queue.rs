@@ -29,22 +29,79 @@ pub struct Enqueue {
 /// only covers a task whose handler hit an infrastructure error (the database went away).
 const TASK_MAX_ATTEMPTS: usize = 10;
 
-fn build(e: &Enqueue) -> Result<apalis::prelude::Task<Vec<u8>>, DbError> {
-    let payload = serde_json::to_vec(&JobRef {
+/// The task's payload: the job reference as JSON.
+fn payload(e: &Enqueue) -> Result<Vec<u8>, DbError> {
+    serde_json::to_vec(&JobRef {
         job_id: e.job_id.clone(),
     })
-    .map_err(|err| DbError::Queue(err.to_string()))?;
+    .map_err(|err| DbError::Queue(err.to_string()))
+}
+
+/// The task's start in apalis' whole seconds.
+fn run_at_secs(e: &Enqueue) -> u64 {
     let ms = e.run_at_ms.max(0) as u64;
-    let secs = if e.run_at_ms > crate::now_ms() {
+    if e.run_at_ms > crate::now_ms() {
         ms.div_ceil(1000)
     } else {
         ms / 1000
-    };
-    Ok(TaskBuilder::new(payload)
+    }
+}
+
+fn build(e: &Enqueue) -> Result<apalis::prelude::Task<Vec<u8>>, DbError> {
+    Ok(TaskBuilder::new(payload(e)?)
         .priority(e.priority.max(0) as usize)
         .max_attempts(TASK_MAX_ATTEMPTS)
-        .run_at_timestamp(secs)
+        .run_at_timestamp(run_at_secs(e))
         .build())
+}
+
+/// Postgres: the columns of apalis' task rows for `items`, as arrays, so the statement that
+/// writes their jobs inserts them too (see [`pg_insert_tasks`]).
+#[derive(Debug, Default)]
+pub(crate) struct PgTaskRows {
+    pub job_ids: Vec<String>,
+    /// apalis' task ids (ULIDs, as apalis makes them).
+    pub ids: Vec<String>,
+    pub queues: Vec<&'static str>,
+    pub payloads: Vec<Vec<u8>>,
+    pub run_at_secs: Vec<i64>,
+    pub priorities: Vec<i32>,
+}
+
+impl PgTaskRows {
+    pub(crate) fn of(items: &[Enqueue]) -> Result<Self, DbError> {
+        let mut rows = PgTaskRows::default();
+        for e in items {
+            rows.job_ids.push(e.job_id.clone());
+            rows.ids.push(ulid::Ulid::generate().to_string());
+            rows.queues.push(e.queue);
+            rows.payloads.push(payload(e)?);
+            rows.run_at_secs.push(run_at_secs(e) as i64);
+            rows.priorities.push(e.priority.max(0));
+        }
+        Ok(rows)
+    }
+}
+
+/// A writable CTE over `j` (the ids of the jobs the statement inserted) that inserts the tasks
+/// of those jobs, as `apalis_postgres::queries::push_tasks` would (its trigger notifies idle
+/// workers). The rows come from [`PgTaskRows`], bound from `$first` on in field order.
+pub(crate) fn pg_insert_tasks(first: usize) -> String {
+    let p = |i: usize| format!("${}", first + i);
+    format!(
+        "INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, \
+         priority, metadata, idempotency_key) \
+         SELECT t.id, t.queue, t.payload, 'Pending', 0, {TASK_MAX_ATTEMPTS}, to_timestamp(t.run_at), \
+         t.priority, NULL, NULL \
+         FROM UNNEST({}::text[], {}::text[], {}::text[], {}::bytea[], {}::bigint[], {}::int[]) \
+         AS t (job_id, id, queue, payload, run_at, priority) WHERE t.job_id IN (SELECT id FROM j)",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+    )
 }
 
 /// Pushes tasks inside `tx`, grouped by queue.
