@@ -472,7 +472,87 @@ async fn estimates_count_characters_like_the_rule(backend: Backend) {
     app.stop().await;
 }
 
+/// A worker reads a chat job's history while it claims the job, knowing the kind from the
+/// queue task. A task written before tasks named their kind (`{"job_id": ...}` alone) runs
+/// all the same, and both get the same conversation.
+async fn tasks_without_their_kind_still_run(backend: Backend) {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
+        return;
+    };
+    let key = app.user_key.clone();
+    app.grant(&app.user_id, 1000).await;
+    let (_, path) = conversation(&app, &key, json!({ "title": "Old tasks" })).await;
+    let mut jobs = Vec::new();
+    for content in ["One?", "Two?"] {
+        let asked = json_of(
+            app.post(&key, &path, json!({ "content": content })).await,
+            StatusCode::ACCEPTED,
+        )
+        .await;
+        jobs.push(asked["job_id"].as_str().expect("job id").to_owned());
+    }
+    assert_eq!(app.tasks_of(&jobs[0]).await, 1);
+    // The first task as an older release wrote it.
+    let old = json!({ "job_id": jobs[0] }).to_string();
+    let pattern = format!("%\"{}\"%", jobs[0]);
+    let changed = match &app.db {
+        tally_workflows::Db::Postgres(pool) => sqlx::query(
+            "UPDATE apalis.jobs SET job = convert_to($1, 'UTF8') \
+             WHERE convert_from(job, 'UTF8') LIKE $2",
+        )
+        .bind(&old)
+        .bind(&pattern)
+        .execute(pool)
+        .await
+        .expect("rewrite task")
+        .rows_affected(),
+        tally_workflows::Db::Sqlite(pool) => {
+            sqlx::query("UPDATE Jobs SET job = CAST($1 AS BLOB) WHERE CAST(job AS TEXT) LIKE $2")
+                .bind(&old)
+                .bind(&pattern)
+                .execute(pool)
+                .await
+                .expect("rewrite task")
+                .rows_affected()
+        }
+    };
+    assert_eq!(changed, 1);
+    let cfg = crate::helpers::test_config(&app.url, &[]);
+    let pool = tally_workers::WorkerPool::new(app.db.clone(), cfg);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(pool.run(stop.clone().cancelled_owned()));
+    let mut inputs = Vec::new();
+    for job in &jobs {
+        let done = app
+            .wait_for(job, &["succeeded"], Duration::from_secs(20))
+            .await;
+        inputs.push(
+            done["result"]["usage"]["input_tokens"]
+                .as_u64()
+                .expect("usage"),
+        );
+    }
+    // Each saw the conversation up to its own question: the second saw one question more.
+    assert!(inputs[0] > 0 && inputs[1] > inputs[0], "{inputs:?}");
+    let conv = json_of(
+        app.get(&key, &path.replace("/messages", "")).await,
+        StatusCode::OK,
+    )
+    .await;
+    let roles: Vec<&str> = conv["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["role"].as_str())
+        .collect();
+    assert_eq!(roles, ["user", "user", "assistant", "assistant"], "{conv}");
+    stop.cancel();
+    handle.await.expect("join").expect("worker pool");
+    app.stop().await;
+}
+
 crate::both_backends!(
+    tasks_without_their_kind_still_run,
     estimates_count_characters_like_the_rule,
     offline_conversation,
     provider_usage_refusals_and_fallback,

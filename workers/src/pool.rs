@@ -129,9 +129,9 @@ impl WorkerPool {
             .map_err(|e| DbError::Queue(format!("AI providers: {e}")))?;
         ai.histories = Some({
             let db = self.db.clone();
-            Batcher::spawn(MAX_BATCH, move |asks: Vec<(String, String)>| {
+            Batcher::spawn(MAX_BATCH, move |jobs: Vec<String>| {
                 let db = db.clone();
-                async move { tally_workflows::chat::histories_for(&db, asks).await }
+                async move { tally_workflows::chat::histories_for(&db, jobs).await }
             })
         });
         let rt = Arc::new(Runtime {
@@ -150,12 +150,13 @@ impl WorkerPool {
         let missed = (w.lease_secs / heartbeat.as_secs()).max(1) as usize;
         let poll = Duration::from_millis(w.poll_ms);
         let mut monitor = Monitor::new();
-        // apalis gets a pool of its own on Postgres. On shutdown it drops a fetch that may have
-        // sent BEGIN, and sqlx then returns that connection still inside the transaction (see
-        // `Db::begin`); in its own pool, that connection only ever runs apalis' transactions,
-        // whose next COMMIT closes it, and never Tally's autocommit statements. What apalis
-        // writes there (task locks, heartbeats) is bookkeeping: it commits without waiting for
-        // the disk (see `pg_options_bookkeeping`).
+        // apalis gets a pool of its own on Postgres. On shutdown it may drop one of its
+        // transactions (a heartbeat) after BEGIN was sent, and sqlx then returns that
+        // connection still inside the transaction (see `Db::begin`); in its own pool, that
+        // connection only ever runs apalis' statements, and never Tally's autocommit ones.
+        // What apalis writes there (task locks, heartbeats) is bookkeeping: it commits without
+        // waiting for the disk (see `pg_options_bookkeeping`). Its fetch is one statement
+        // outside any transaction (vendor/apalis-postgres).
         let apalis_pool = match &self.db {
             Db::Postgres(_) => Some(
                 tally_workflows::db::pool_options::<sqlx::Postgres>()
@@ -292,9 +293,10 @@ async fn handle(task: JobRef, task_id: TaskId, rt: Data<Arc<Runtime>>) -> Result
     let rt: Arc<Runtime> = (*rt).clone();
     let attempt = {
         let (rt, job_id, task_id) = (rt.clone(), task.job_id.clone(), task_id.clone());
+        let kind = task.kind.clone();
         rt.attempts
             .clone()
-            .spawn(async move { run_attempt(&job_id, &task_id, &rt).await })
+            .spawn(async move { run_attempt(&job_id, kind.as_deref(), &task_id, &rt).await })
     };
     let result = attempt
         .await
@@ -307,9 +309,20 @@ async fn handle(task: JobRef, task_id: TaskId, rt: Data<Arc<Runtime>>) -> Result
     Ok(())
 }
 
+/// `kind` is the job's kind as its task names it: what the kind reads first is read while the
+/// job is claimed (and dropped if the claim refuses it).
 #[tracing::instrument(skip(rt), fields(worker = %rt.name))]
-async fn run_attempt(job_id: &str, task_id: &str, rt: &Runtime) -> Result<(), DbError> {
-    let Some(claimed) = rt.claims.call(job_id.to_owned()).await? else {
+async fn run_attempt(
+    job_id: &str,
+    kind: Option<&str>,
+    task_id: &str,
+    rt: &Runtime,
+) -> Result<(), DbError> {
+    let (claimed, prefetched) = tokio::join!(
+        rt.claims.call(job_id.to_owned()),
+        kinds::prefetch(kind, job_id, &rt.ai)
+    );
+    let Some(claimed) = claimed? else {
         tracing::debug!("job is not runnable (cancelled, finished or unknown); task dropped");
         let completion = Completion {
             task_id: task_id.to_owned(),
@@ -329,7 +342,7 @@ async fn run_attempt(job_id: &str, task_id: &str, rt: &Runtime) -> Result<(), Db
                 claimed.attempts.max(1) as u32,
                 rt.interrupt.clone(),
             );
-            let ran = kinds::run(&claimed.kind, input, &mut ctx, &rt.ai).await;
+            let ran = kinds::run(&claimed.kind, input, &mut ctx, &rt.ai, prefetched).await;
             staged = ctx.take_staged();
             match ran {
                 Ok((v, None)) => Outcome::Succeeded(v),

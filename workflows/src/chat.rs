@@ -294,34 +294,40 @@ pub(crate) async fn insert_many(tx: &mut Tx, ms: &[Message]) -> Result<(), DbErr
     Ok(())
 }
 
-/// The conversation as a model sees it when answering each `(conversation, job)` pair's
-/// question: every message before (and including) that question; replies to later questions
-/// are left out. One statement for them all (workers batch the reads of the jobs they run at
-/// once). `None` where the job's question is missing.
+/// The conversation as a model sees it when answering each job's question (the message
+/// `{job}:user`): every message before (and including) that question; replies to later
+/// questions are left out. `None` where the job's question is missing. Keyed by the job alone,
+/// so a worker can read it while it claims the job. One statement for them all on Postgres
+/// (workers batch the reads of the jobs they run at once).
 pub async fn histories_for(
     db: &Db,
-    asks: Vec<(String, String)>,
+    job_ids: Vec<String>,
 ) -> Result<Vec<Option<Vec<Message>>>, DbError> {
-    let mut ids: Vec<&str> = asks.iter().map(|(c, _)| c.as_str()).collect();
-    ids.sort_unstable();
-    ids.dedup();
+    let questions: Vec<String> = job_ids.iter().map(|j| format!("{j}:user")).collect();
     let rows: Vec<Message> = match db {
-        // One prepared statement whatever the number of conversations.
         Db::Postgres(pool) => {
             let sql = format!(
-                "SELECT {MESSAGE_COLUMNS} FROM ai_messages WHERE conversation_id = ANY($1) \
+                "SELECT {MESSAGE_COLUMNS} FROM ai_messages WHERE conversation_id IN \
+                 (SELECT conversation_id FROM ai_messages WHERE id = ANY($1)) \
                  ORDER BY conversation_id, created_at, id"
             );
             sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .bind(&ids)
+                .bind(&questions)
                 .fetch_all(pool)
                 .await?
         }
         Db::Sqlite(pool) => {
+            let mut conn = pool.acquire().await?;
+            let head = format!("SELECT {MESSAGE_COLUMNS} FROM ai_messages WHERE id IN (");
+            let ids: Vec<&str> = questions.iter().map(String::as_str).collect();
+            let asked: Vec<Message> = crate::db::sqlite_select_in(&mut conn, &head, &ids).await?;
+            let mut ids: Vec<&str> = asked.iter().map(|m| m.conversation_id.as_str()).collect();
+            ids.sort_unstable();
+            ids.dedup();
             let head =
                 format!("SELECT {MESSAGE_COLUMNS} FROM ai_messages WHERE conversation_id IN (");
             let mut rows: Vec<Message> =
-                crate::db::sqlite_select_in(&mut *pool.acquire().await?, &head, &ids).await?;
+                crate::db::sqlite_select_in(&mut conn, &head, &ids).await?;
             rows.sort_unstable_by(|a, b| {
                 (&a.conversation_id, a.created_at, &a.id).cmp(&(
                     &b.conversation_id,
@@ -334,18 +340,21 @@ pub async fn histories_for(
     };
     let mut by_conversation: std::collections::HashMap<&str, Vec<&Message>> =
         std::collections::HashMap::new();
+    let mut conversation_of: std::collections::HashMap<&str, &str> =
+        std::collections::HashMap::new();
     for m in &rows {
         by_conversation
             .entry(m.conversation_id.as_str())
             .or_default()
             .push(m);
+        conversation_of.insert(m.id.as_str(), m.conversation_id.as_str());
     }
-    Ok(asks
+    Ok(job_ids
         .iter()
-        .map(|(conversation, job_id)| {
-            let all = by_conversation.get(conversation.as_str())?;
-            let question = format!("{job_id}:user");
-            let end = all.iter().position(|m| m.id == question)? + 1;
+        .zip(&questions)
+        .map(|(job_id, question)| {
+            let all = by_conversation.get(conversation_of.get(question.as_str())?)?;
+            let end = all.iter().position(|m| &m.id == question)? + 1;
             Some(
                 all[..end]
                     .iter()

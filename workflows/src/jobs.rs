@@ -262,6 +262,7 @@ pub async fn submit_in(
                     .zip(chunk)
                     .map(|(j, new)| Enqueue {
                         job_id: j.id.clone(),
+                        kind: j.kind.clone(),
                         queue: new.queue,
                         priority: j.priority,
                         run_at_ms: j.run_at,
@@ -432,6 +433,7 @@ pub async fn submit_in(
         .filter_map(|(i, queue)| match &out[*i] {
             Ok((job, true)) => Some(Enqueue {
                 job_id: job.id.clone(),
+                kind: job.kind.clone(),
                 queue,
                 priority: job.priority,
                 run_at_ms: job.run_at,
@@ -649,6 +651,7 @@ fn enqueue_of(id: &str, kind: &str, priority: i32, run_at_ms: i64) -> Result<Enq
         .ok_or_else(|| DbError::Corrupt(format!("job {id} has unknown kind {kind:?}")))?;
     Ok(Enqueue {
         job_id: id.to_owned(),
+        kind: kind.to_owned(),
         queue: spec.queue,
         priority,
         run_at_ms,

@@ -11,12 +11,17 @@ use crate::{DbError, db::Tx};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobRef {
     pub job_id: String,
+    /// The job's kind, so a worker can start what the kind reads while it claims the job
+    /// (absent from tasks written before it was added).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 /// One task to push: which job, on which queue, how urgent and from when.
 #[derive(Debug, Clone)]
 pub struct Enqueue {
     pub job_id: String,
+    pub kind: String,
     pub queue: &'static str,
     pub priority: i32,
     /// Earliest start, milliseconds since the epoch. apalis stores whole seconds: a time in the
@@ -33,6 +38,7 @@ const TASK_MAX_ATTEMPTS: usize = 10;
 fn payload(e: &Enqueue) -> Result<Vec<u8>, DbError> {
     serde_json::to_vec(&JobRef {
         job_id: e.job_id.clone(),
+        kind: Some(e.kind.clone()),
     })
     .map_err(|err| DbError::Queue(err.to_string()))
 }

@@ -114,9 +114,10 @@ pub struct Services {
     pub histories: Option<Histories>,
 }
 
-/// Reads `(conversation, job)` histories in batches: see [`tally_workflows::chat::histories_for`].
+/// Reads chat jobs' histories in batches, by job id: see
+/// [`tally_workflows::chat::histories_for`].
 pub type Histories =
-    tally_workflows::batch::Batcher<(String, String), Option<Vec<tally_workflows::chat::Message>>>;
+    tally_workflows::batch::Batcher<String, Option<Vec<tally_workflows::chat::Message>>>;
 
 impl Services {
     /// The configured providers and models; with none configured, the offline provider.

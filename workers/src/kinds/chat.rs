@@ -15,6 +15,7 @@ pub async fn run(
     input: Value,
     ctx: &mut JobContext,
     ai: &Services,
+    prefetched: super::Prefetched,
 ) -> Result<(Value, Option<i64>), JobFailure> {
     let conversation = super::text_field(&input, "chat", "conversation_id")?;
     let model_id = super::text_field(&input, "chat", "model")?;
@@ -51,10 +52,11 @@ pub async fn run(
             Some(credits),
         ));
     }
-    let ask = (conversation.clone(), ctx.job_id().to_owned());
-    let history = match &ai.histories {
-        Some(batch) => batch.call(ask).await?,
-        None => chat::histories_for(ctx.db(), vec![ask])
+    // Read while the job was claimed; read now if that was not done or failed.
+    let history = match (prefetched, &ai.histories) {
+        (super::Prefetched::History(Ok(history)), _) => history,
+        (_, Some(batch)) => batch.call(ctx.job_id().to_owned()).await?,
+        (_, None) => chat::histories_for(ctx.db(), vec![ctx.job_id().to_owned()])
             .await?
             .pop()
             .flatten(),

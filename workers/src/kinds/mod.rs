@@ -14,6 +14,23 @@ use crate::{
     context::{JobContext, JobFailure},
 };
 
+/// What a kind reads first, read while its job is being claimed: it needs only the job's id.
+pub enum Prefetched {
+    Nothing,
+    /// A chat job's conversation up to its question.
+    History(Result<Option<Vec<tally_workflows::chat::Message>>, tally_workflows::DbError>),
+}
+
+/// Reads what `kind` will read first (see [`Prefetched`]).
+pub async fn prefetch(kind: Option<&str>, job_id: &str, ai: &Services) -> Prefetched {
+    match (kind, &ai.histories) {
+        (Some("chat"), Some(histories)) => {
+            Prefetched::History(histories.call(job_id.to_owned()).await)
+        }
+        _ => Prefetched::Nothing,
+    }
+}
+
 /// Runs one attempt of `kind`: its result, and the credits it used when that is not simply its
 /// reservation (AI jobs pay for their actual usage).
 pub async fn run(
@@ -21,13 +38,14 @@ pub async fn run(
     input: Value,
     ctx: &mut JobContext,
     ai: &Services,
+    prefetched: Prefetched,
 ) -> Result<(Value, Option<i64>), JobFailure> {
     let plain = |r: Result<Value, JobFailure>| r.map(|v| (v, None));
     match kind {
         "echo" => plain(echo::run(input).await),
         "sleep" => plain(sleep::run(input, ctx).await),
         "fail" => plain(fail::run(input, ctx).await),
-        "chat" => chat::run(input, ctx, ai).await,
+        "chat" => chat::run(input, ctx, ai, prefetched).await,
         "image" => image::run(input, ctx, ai).await,
         "agent" => agent::run(input, ctx, ai).await,
         other => Err(JobFailure::Fatal(format!(
