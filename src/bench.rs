@@ -201,6 +201,7 @@ async fn bench_backend(cfg: &Config, args: &BenchArgs, url: &str) -> Result<Figu
                 idempotency_key: None,
                 request_hash: String::new(),
                 price: 0,
+                asked: None,
             })
             .collect();
         for answer in jobs::submit_many(&db, batch).await? {

@@ -196,6 +196,7 @@ async fn ask(
         idempotency_key: key,
         request_hash: crate::extract::request_hash(&request),
         price: estimate,
+        asked: None,
     };
     let question = chat::Question {
         conversation_id: c.id.clone(),
@@ -263,6 +264,7 @@ async fn create_task(
         idempotency_key: crate::extract::idempotency_key(&headers)?,
         request_hash: crate::extract::request_hash(&request),
         price: 0,
+        asked: None,
     };
     let (task, job) = agents::create(
         &state.db,

@@ -83,6 +83,7 @@ async fn generate(
         idempotency_key: crate::extract::idempotency_key(&headers)?,
         request_hash: crate::extract::request_hash(&input),
         price: estimate,
+        asked: None,
     };
     let (job, _) = state.submissions.call(new).await??;
     Ok((

@@ -112,6 +112,7 @@ async fn submit(
         idempotency_key: key,
         request_hash: crate::extract::request_hash(&canonical),
         price: state.cfg.price(spec.name),
+        asked: None,
     };
     let (job, created) = state.submissions.call(new).await??;
     let mut resp = (StatusCode::ACCEPTED, Json(with_cost(&state, &job).await?)).into_response();

@@ -8,7 +8,7 @@ use crate::{
     Db, DbError,
     db::Tx,
     jobs::{self, Job, JobError, NewJob},
-    now_ms, rfc3339, with_pool,
+    now_ms, rfc3339, with_pool, with_tx,
 };
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -189,6 +189,31 @@ pub struct Question {
     pub job: NewJob,
 }
 
+/// A question stored with the job that answers it (see [`NewJob::asked`]).
+#[derive(Debug, Clone)]
+pub struct Asked {
+    pub conversation_id: String,
+    pub content: String,
+}
+
+impl Asked {
+    /// The stored question of `job`.
+    pub(crate) fn message(&self, job: &Job) -> Message {
+        Message {
+            id: format!("{}:user", job.id),
+            conversation_id: self.conversation_id.clone(),
+            role: "user".to_owned(),
+            content: self.content.clone(),
+            job_id: Some(job.id.clone()),
+            model: None,
+            provider: None,
+            input_tokens: None,
+            output_tokens: None,
+            created_at: job.created_at,
+        }
+    }
+}
+
 /// Stores each question and submits the job that answers it, all in one transaction (the API
 /// group-commits concurrent questions): a refused job (402) leaves no message behind. Each
 /// question gets its own answer.
@@ -197,69 +222,46 @@ pub async fn ask_many(
     questions: Vec<Question>,
 ) -> Result<Vec<Result<(Message, Job), JobError>>, DbError> {
     let mut tx = db.begin().await?;
-    let jobs = questions.iter().map(|q| q.job.clone()).collect();
+    let asked: Vec<Asked> = questions
+        .iter()
+        .map(|q| Asked {
+            conversation_id: q.conversation_id.clone(),
+            content: q.content.clone(),
+        })
+        .collect();
+    let jobs = questions
+        .into_iter()
+        .zip(&asked)
+        .map(|(q, a)| NewJob {
+            asked: Some(a.clone()),
+            ..q.job
+        })
+        .collect();
     let submitted = jobs::submit_in(&mut tx, jobs).await?;
-    let now = now_ms();
-    let mut out = Vec::with_capacity(questions.len());
-    let mut messages = Vec::new();
-    for (q, answer) in questions.into_iter().zip(submitted) {
-        out.push(answer.map(|(job, _)| {
-            let message = Message {
-                id: format!("{}:user", job.id),
-                conversation_id: q.conversation_id,
-                role: "user".to_owned(),
-                content: q.content,
-                job_id: Some(job.id.clone()),
-                model: None,
-                provider: None,
-                input_tokens: None,
-                output_tokens: None,
-                created_at: now,
-            };
-            messages.push(message.clone());
-            (message, job)
-        }));
-    }
-    insert_many(&mut tx, &messages).await?;
     tx.commit().await?;
-    Ok(out)
+    Ok(submitted
+        .into_iter()
+        .zip(asked)
+        .map(|(answer, a)| answer.map(|(job, _)| (a.message(&job), job)))
+        .collect())
 }
 
 /// Inserts messages (a message already stored is kept) and touches their conversations.
+///
+/// Every transaction that touches a conversation and a user's accounts touches the
+/// conversation first (a question and an outcome both do it in their first statement), so
+/// two of them cannot deadlock.
 pub(crate) async fn insert_many(tx: &mut Tx, ms: &[Message]) -> Result<(), DbError> {
-    let Some(first) = ms.first() else {
+    if ms.is_empty() {
         return Ok(());
-    };
+    }
+    let now = now_ms();
     match tx {
-        // One statement, one round trip, whatever the number of messages.
         Tx::Postgres(tx) => {
-            let text = |f: fn(&Message) -> &str| ms.iter().map(f).collect::<Vec<&str>>();
-            let opt = |f: fn(&Message) -> Option<&str>| ms.iter().map(f).collect::<Vec<_>>();
-            let int = |f: fn(&Message) -> Option<i64>| ms.iter().map(f).collect::<Vec<_>>();
-            let mut conversations = text(|m| &m.conversation_id);
-            conversations.sort_unstable();
-            conversations.dedup();
-            let sql = format!(
-                "WITH m AS (INSERT INTO ai_messages ({MESSAGE_COLUMNS}) SELECT * FROM \
-                 UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-                 $7::text[], $8::bigint[], $9::bigint[], $10::bigint[]) ON CONFLICT (id) DO NOTHING) \
-                 UPDATE ai_conversations SET updated_at = $11 WHERE id = ANY($12)"
-            );
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(text(|m| &m.id))
-                .bind(text(|m| &m.conversation_id))
-                .bind(text(|m| &m.role))
-                .bind(text(|m| &m.content))
-                .bind(opt(|m| m.job_id.as_deref()))
-                .bind(opt(|m| m.model.as_deref()))
-                .bind(opt(|m| m.provider.as_deref()))
-                .bind(int(|m| m.input_tokens))
-                .bind(int(|m| m.output_tokens))
-                .bind(int(|m| Some(m.created_at)))
-                .bind(first.created_at)
-                .bind(&conversations)
-                .execute(&mut **tx)
-                .await?;
+            let rows = PgMessageRows::of(ms);
+            let sql = format!("WITH {} SELECT 1", pg_insert_messages(2, "$1", "TRUE"));
+            let q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+            bind_messages!(q, rows).execute(&mut **tx).await?;
         }
         Tx::Sqlite(tx) => {
             for chunk in ms.chunks(500) {
@@ -281,7 +283,7 @@ pub(crate) async fn insert_many(tx: &mut Tx, ms: &[Message]) -> Result<(), DbErr
                 qb.push(" ON CONFLICT (id) DO NOTHING");
                 qb.build().execute(&mut **tx).await?;
                 let mut qb = sqlx::QueryBuilder::new("UPDATE ai_conversations SET updated_at = ");
-                qb.push_bind(chunk[0].created_at).push(" WHERE id IN (");
+                qb.push_bind(now).push(" WHERE id IN (");
                 let mut list = qb.separated(", ");
                 for m in chunk {
                     list.push_bind(&m.conversation_id);
@@ -292,6 +294,91 @@ pub(crate) async fn insert_many(tx: &mut Tx, ms: &[Message]) -> Result<(), DbErr
         }
     }
     Ok(())
+}
+
+/// Deletes the questions of jobs that were refused in the transaction that stored them.
+pub(crate) async fn delete_questions(tx: &mut Tx, job_ids: &[&str]) -> Result<(), DbError> {
+    if job_ids.is_empty() {
+        return Ok(());
+    }
+    with_tx!(tx, conn => {
+        let mut qb = sqlx::QueryBuilder::new("DELETE FROM ai_messages WHERE id IN (");
+        let mut list = qb.separated(", ");
+        for id in job_ids {
+            list.push_bind(format!("{id}:user"));
+        }
+        qb.push(")");
+        qb.build().execute(&mut *conn).await?;
+    });
+    Ok(())
+}
+
+/// Postgres: messages as column arrays, so a statement that writes other rows inserts them
+/// too ([`pg_insert_messages`], bound with [`bind_messages!`]).
+#[derive(Debug, Default)]
+pub(crate) struct PgMessageRows {
+    pub ids: Vec<String>,
+    pub conversation_ids: Vec<String>,
+    pub roles: Vec<String>,
+    pub contents: Vec<String>,
+    pub job_ids: Vec<Option<String>>,
+    pub models: Vec<Option<String>>,
+    pub providers: Vec<Option<String>>,
+    pub input_tokens: Vec<Option<i64>>,
+    pub output_tokens: Vec<Option<i64>>,
+    pub created_at: Vec<i64>,
+}
+
+impl PgMessageRows {
+    pub(crate) fn of(ms: &[Message]) -> Self {
+        let mut rows = PgMessageRows::default();
+        for m in ms {
+            rows.ids.push(m.id.clone());
+            rows.conversation_ids.push(m.conversation_id.clone());
+            rows.roles.push(m.role.clone());
+            rows.contents.push(m.content.clone());
+            rows.job_ids.push(m.job_id.clone());
+            rows.models.push(m.model.clone());
+            rows.providers.push(m.provider.clone());
+            rows.input_tokens.push(m.input_tokens);
+            rows.output_tokens.push(m.output_tokens);
+            rows.created_at.push(m.created_at);
+        }
+        rows
+    }
+}
+
+/// Binds a [`PgMessageRows`] in the order [`pg_insert_messages`] expects.
+macro_rules! bind_messages {
+    ($q:expr, $rows:expr) => {
+        $q.bind(&$rows.ids)
+            .bind(&$rows.conversation_ids)
+            .bind(&$rows.roles)
+            .bind(&$rows.contents)
+            .bind(&$rows.job_ids)
+            .bind(&$rows.models)
+            .bind(&$rows.providers)
+            .bind(&$rows.input_tokens)
+            .bind(&$rows.output_tokens)
+            .bind(&$rows.created_at)
+    };
+}
+pub(crate) use bind_messages;
+
+/// Writable CTEs `m` and `mc` for a statement's `WITH` list: insert the messages bound from
+/// `$first` on (see [`bind_messages!`]) whose row `x` satisfies `keep`, keeping any already
+/// stored, and set their conversations' `updated_at` to `now` (a parameter).
+pub(crate) fn pg_insert_messages(first: usize, now: &str, keep: &str) -> String {
+    let p: Vec<String> = (first..first + 10).map(|i| format!("${i}")).collect();
+    format!(
+        "m AS (INSERT INTO ai_messages ({MESSAGE_COLUMNS}) SELECT x.* FROM UNNEST({}::text[], \
+         {}::text[], {}::text[], {}::text[], {}::text[], {}::text[], {}::text[], {}::bigint[], \
+         {}::bigint[], {}::bigint[]) AS x ({MESSAGE_COLUMNS}) WHERE {keep} \
+         ON CONFLICT (id) DO NOTHING RETURNING conversation_id), \
+         mc AS (UPDATE ai_conversations SET updated_at = {now} \
+         WHERE id IN (SELECT conversation_id FROM m))",
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9]
+    )
 }
 
 /// The conversation as a model sees it when answering each job's question (the message

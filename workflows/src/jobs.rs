@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::{
     Db, DbError,
-    ledger::{self, LedgerError, Op},
+    ledger::{self, LedgerError, Op, RESERVATION_COLUMNS},
     now_ms,
     queue::{self, Enqueue},
     rfc3339,
@@ -146,6 +146,9 @@ pub struct NewJob {
     pub request_hash: String,
     /// Credits reserved at submission and settled on success (0: free).
     pub price: i64,
+    /// The chat question the job answers, stored with the job (in the same statement, on
+    /// Postgres) and only if the job is kept.
+    pub asked: Option<crate::chat::Asked>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -269,6 +272,12 @@ pub async fn submit_in(
                     })
                     .collect();
                 let t = queue::PgTaskRows::of(&enqueues)?;
+                let questions: Vec<crate::chat::Message> = rows
+                    .iter()
+                    .zip(chunk)
+                    .filter_map(|(j, new)| new.asked.as_ref().map(|a| a.message(j)))
+                    .collect();
+                let m = crate::chat::PgMessageRows::of(&questions);
                 let sql = format!(
                     "WITH j AS (INSERT INTO tally_jobs (id, user_id, kind, queue, input, priority, \
                      status, attempts, max_attempts, idempotency_key, request_hash, run_at, \
@@ -279,13 +288,14 @@ pub async fn submit_in(
                      $8::int[], $9::text[], $10::text[], $11::bigint[], $12::text[]) AS v (id, \
                      user_id, kind, queue, input, priority, max_attempts, idempotency_key, \
                      request_hash, run_at, reservation_id) \
-                     ON CONFLICT DO NOTHING RETURNING id), t AS ({}) SELECT id FROM j",
-                    queue::pg_insert_tasks(13)
+                     ON CONFLICT DO NOTHING RETURNING id), t AS ({}), {} SELECT id FROM j",
+                    queue::pg_insert_tasks(13),
+                    crate::chat::pg_insert_messages(19, "$1", "x.job_id IN (SELECT id FROM j)")
                 );
                 let col = |f: fn(&Job) -> &str| rows.iter().map(f).collect::<Vec<&str>>();
                 let opt = |f: fn(&Job) -> Option<&str>| rows.iter().map(f).collect::<Vec<_>>();
                 let int = |f: fn(&Job) -> i32| rows.iter().map(f).collect::<Vec<i32>>();
-                let ids: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                let q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
                     .bind(now)
                     .bind(col(|j| &j.id))
                     .bind(col(|j| &j.user_id))
@@ -303,7 +313,8 @@ pub async fn submit_in(
                     .bind(&t.queues)
                     .bind(&t.payloads)
                     .bind(&t.run_at_secs)
-                    .bind(&t.priorities)
+                    .bind(&t.priorities);
+                let ids: Vec<String> = crate::chat::bind_messages!(q, m)
                     .fetch_all(&mut **conn)
                     .await?;
                 task_ids.extend(t.job_ids.into_iter().zip(t.ids));
@@ -335,6 +346,15 @@ pub async fn submit_in(
                 qb.build_query_scalar().fetch_all(&mut **conn).await?
             }
         };
+        if matches!(tx, crate::db::Tx::Sqlite(_)) {
+            let questions: Vec<crate::chat::Message> = rows
+                .iter()
+                .zip(chunk)
+                .filter(|(j, _)| inserted.contains(&j.id))
+                .filter_map(|(j, new)| new.asked.as_ref().map(|a| a.message(j)))
+                .collect();
+            crate::chat::insert_many(tx, &questions).await?;
+        }
         for (row, new) in rows.into_iter().zip(chunk) {
             if inserted.contains(&row.id) {
                 fresh.push((out.len(), new.queue));
@@ -411,6 +431,8 @@ pub async fn submit_in(
             qb.push(")");
             qb.build().execute(&mut *conn).await?;
         });
+        let ids: Vec<&str> = refused.iter().map(|(id, _)| id.as_str()).collect();
+        crate::chat::delete_questions(tx, &ids).await?;
         // On Postgres their queue tasks were written with them: they go too.
         let tasks: Vec<&str> = refused
             .iter()
@@ -858,6 +880,50 @@ pub struct Completion {
     pub finish: Option<Finish>,
 }
 
+/// An outcome the statement applied: the job as it now is, and on Postgres its reservation,
+/// locked by the same statement when the job succeeded.
+#[derive(sqlx::FromRow)]
+struct Applied {
+    id: String,
+    kind: String,
+    priority: i32,
+    run_at: i64,
+    status: String,
+    reservation_id: Option<String>,
+    #[sqlx(default)]
+    r_user_id: Option<String>,
+    #[sqlx(default)]
+    r_amount: Option<i64>,
+    #[sqlx(default)]
+    r_settled: Option<i64>,
+    #[sqlx(default)]
+    r_state: Option<String>,
+    #[sqlx(default)]
+    r_job_id: Option<String>,
+    #[sqlx(default)]
+    r_expires_at: Option<i64>,
+    #[sqlx(default)]
+    r_created_at: Option<i64>,
+    #[sqlx(default)]
+    r_closed_at: Option<i64>,
+}
+
+impl Applied {
+    fn locked_reservation(&self) -> Option<ledger::Reservation> {
+        Some(ledger::Reservation {
+            id: self.reservation_id.clone()?,
+            user_id: self.r_user_id.clone()?,
+            amount: self.r_amount?,
+            settled: self.r_settled,
+            state: self.r_state.clone()?,
+            job_id: self.r_job_id.clone(),
+            expires_at: self.r_expires_at,
+            created_at: self.r_created_at?,
+            closed_at: self.r_closed_at,
+        })
+    }
+}
+
 /// Records many attempts' outcomes in one statement and one transaction, together with the
 /// tasks of the retries they schedule and the completion of the tasks that ran them. A job this
 /// worker no longer holds (it lost its lease and another worker took over) is left alone: its
@@ -894,7 +960,11 @@ pub async fn finish_many(
     // A task is done when its attempt's outcome was stored (or it ran no attempt): on Postgres
     // the statement that stores the outcomes also deletes those tasks (see `queue::complete`).
     let mut tasks_done = false;
-    let updated: Vec<(String, String, i32, i64, String, Option<String>)> = match &mut tx {
+    let staged: Vec<crate::chat::Message> = finishes
+        .iter()
+        .flat_map(|f| f.messages.iter().cloned())
+        .collect();
+    let updated: Vec<Applied> = match &mut tx {
         crate::db::Tx::Postgres(tx) => {
             tasks_done = true;
             let task_of: std::collections::HashMap<&str, &str> = items
@@ -911,16 +981,30 @@ pub async fn finish_many(
                 .map(|c| c.task_id.as_str())
                 .collect();
             // One prepared statement whatever the batch size: the outcomes travel as arrays.
+            // It also completes the tasks (`d`), stores the replies of the jobs that succeeded
+            // (`m`, `mc`) and locks their reservations for the settlement that follows (`r`).
             let sql = format!(
                 "WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at, vtask) AS (SELECT * FROM \
                  UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], \
                  $9::text[])), u AS ({}, v.vtask), \
                  d AS (DELETE FROM apalis.jobs WHERE lock_by = ANY($10) AND id IN \
-                 (SELECT vtask FROM u UNION ALL SELECT * FROM UNNEST($11::text[]))) \
-                 SELECT id, kind, priority, run_at, status, reservation_id FROM u",
-                set("$1", "$2")
+                 (SELECT vtask FROM u UNION ALL SELECT * FROM UNNEST($11::text[]))), {}, \
+                 r AS (SELECT {RESERVATION_COLUMNS} FROM ledger_reservations WHERE id IN \
+                 (SELECT reservation_id FROM u WHERE status = 'succeeded') ORDER BY id FOR UPDATE) \
+                 SELECT u.id, u.kind, u.priority, u.run_at, u.status, u.reservation_id, \
+                 r.user_id AS r_user_id, r.amount AS r_amount, r.settled AS r_settled, \
+                 r.state AS r_state, r.job_id AS r_job_id, r.expires_at AS r_expires_at, \
+                 r.created_at AS r_created_at, r.closed_at AS r_closed_at \
+                 FROM u LEFT JOIN r ON r.id = u.reservation_id",
+                set("$1", "$2"),
+                crate::chat::pg_insert_messages(
+                    12,
+                    "$1",
+                    "x.job_id IN (SELECT id FROM u WHERE status = 'succeeded')"
+                )
             );
-            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            let messages = crate::chat::PgMessageRows::of(&staged);
+            let q = sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(now)
                 .bind(worker)
                 .bind(finishes.iter().map(|f| f.id.as_str()).collect::<Vec<_>>())
@@ -951,7 +1035,8 @@ pub async fn finish_many(
                         .collect::<Vec<_>>(),
                 )
                 .bind(holders)
-                .bind(&bare)
+                .bind(&bare);
+            crate::chat::bind_messages!(q, messages)
                 .fetch_all(&mut **tx)
                 .await?
         }
@@ -991,7 +1076,21 @@ pub async fn finish_many(
     let mut ended = Vec::new();
     let charges: std::collections::HashMap<&str, Option<i64>> =
         finishes.iter().map(|f| (f.id.as_str(), f.charge)).collect();
-    for (id, kind, priority, run_at, status, reservation) in updated {
+    // Reservations the statement locked (Postgres): the ledger does not read them again.
+    let mut locked = Vec::new();
+    for row in updated {
+        if let Some(r) = row.locked_reservation() {
+            locked.push(r);
+        }
+        let Applied {
+            id,
+            kind,
+            priority,
+            run_at,
+            status,
+            reservation_id: reservation,
+            ..
+        } = row;
         let status = Status::parse(&status)
             .ok_or_else(|| DbError::Corrupt(format!("job {id} has status {status:?}")))?;
         if status == Status::Failed {
@@ -1023,19 +1122,21 @@ pub async fn finish_many(
             owner: None,
         });
     }
-    for answer in ledger::execute(&mut tx, &money, now).await? {
+    if !tasks_done {
+        // SQLite: the replies of the jobs that succeeded, before the ledger as on Postgres
+        // (conversations before accounts: see `chat::insert_many`).
+        let messages: Vec<crate::chat::Message> = finishes
+            .iter()
+            .filter(|f| applied.get(&f.id) == Some(&Status::Succeeded))
+            .flat_map(|f| f.messages.iter().cloned())
+            .collect();
+        crate::chat::insert_many(&mut tx, &messages).await?;
+    }
+    for answer in ledger::execute_locked(&mut tx, &money, now, locked).await? {
         if let Err(e) = answer {
             tracing::error!(error = %e, "a job ended but its credits could not be settled or released");
         }
     }
-    // After the ledger: every transaction that touches both locks the user's accounts first
-    // and the conversations second (as a question does), so the two cannot deadlock.
-    let messages: Vec<crate::chat::Message> = finishes
-        .iter()
-        .filter(|f| applied.get(&f.id) == Some(&Status::Succeeded))
-        .flat_map(|f| f.messages.iter().cloned())
-        .collect();
-    crate::chat::insert_many(&mut tx, &messages).await?;
     queue::push(&mut tx, &pushes).await?;
     if !money.is_empty() && !settle_pause.is_zero() {
         tracing::warn!(

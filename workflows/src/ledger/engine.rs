@@ -34,6 +34,17 @@ pub async fn execute(
     ops: &[Op],
     now: i64,
 ) -> Result<Vec<Result<Done, LedgerError>>, DbError> {
+    execute_locked(tx, ops, now, Vec::new()).await
+}
+
+/// [`execute`], given reservations that `tx` already read and locked (`FOR UPDATE`, in id
+/// order, before any account): they are not read again.
+pub async fn execute_locked(
+    tx: &mut Tx,
+    ops: &[Op],
+    now: i64,
+    locked: Vec<Reservation>,
+) -> Result<Vec<Result<Done, LedgerError>>, DbError> {
     if ops.is_empty() {
         return Ok(Vec::new());
     }
@@ -47,11 +58,13 @@ pub async fn execute(
         })
         .filter(|id| !id.is_empty())
         .collect();
+    res_ids.retain(|id| !locked.iter().any(|r| r.id == *id));
     res_ids.sort_unstable();
     res_ids.dedup();
     let reservations: HashMap<String, Reservation> = sql::reservations_for_update(tx, &res_ids)
         .await?
         .into_iter()
+        .chain(locked)
         .map(|r| (r.id.clone(), r))
         .collect();
 

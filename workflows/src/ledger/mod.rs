@@ -20,7 +20,7 @@ use tally_ledger::{Entry, accounts};
 
 use crate::{Db, DbError, batch::Batcher, db::Tx, now_ms, rfc3339, with_pool, with_tx};
 
-pub use engine::{Done, execute};
+pub use engine::{Done, execute, execute_locked};
 
 /// A transfer as stored.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize)]
