@@ -367,7 +367,9 @@ pub(crate) use bind_messages;
 
 /// Writable CTEs `m` and `mc` for a statement's `WITH` list: insert the messages bound from
 /// `$first` on (see [`bind_messages!`]) whose row `x` satisfies `keep`, keeping any already
-/// stored, and set their conversations' `updated_at` to `now` (a parameter).
+/// stored, and set their conversations' `updated_at` to `now` (a parameter). The
+/// conversations are locked in id order: two batches that touch the same ones never
+/// deadlock (an `UPDATE ... WHERE id IN (...)` locks them in whatever order it meets them).
 pub(crate) fn pg_insert_messages(first: usize, now: &str, keep: &str) -> String {
     let p: Vec<String> = (first..first + 10).map(|i| format!("${i}")).collect();
     format!(
@@ -375,8 +377,9 @@ pub(crate) fn pg_insert_messages(first: usize, now: &str, keep: &str) -> String 
          {}::text[], {}::text[], {}::text[], {}::text[], {}::text[], {}::text[], {}::bigint[], \
          {}::bigint[], {}::bigint[]) AS x ({MESSAGE_COLUMNS}) WHERE {keep} \
          ON CONFLICT (id) DO NOTHING RETURNING conversation_id), \
-         mc AS (UPDATE ai_conversations SET updated_at = {now} \
-         WHERE id IN (SELECT conversation_id FROM m))",
+         mc AS (UPDATE ai_conversations SET updated_at = {now} FROM (SELECT id FROM \
+         ai_conversations WHERE id IN (SELECT conversation_id FROM m) ORDER BY id \
+         FOR NO KEY UPDATE) AS l WHERE ai_conversations.id = l.id)",
         p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9]
     )
 }
