@@ -511,10 +511,10 @@ async fn an_idle_worker_takes_each_new_job_promptly(backend: Backend) {
     app.stop().await;
 }
 
-/// On Postgres an idle worker is woken by the notification of each new task, not by its
-/// poll: with a ten-minute poll interval (and a 10 s heartbeat) a new job still runs at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_wakes_idle_workers_on_each_new_task() {
+/// An idle worker is woken by each new task, not by its poll: by the task's notification on
+/// Postgres, by the commit that stored it on SQLite. With a ten-minute poll interval (and a
+/// 10 s heartbeat) a new job still runs at once, after the database has been quiet too.
+async fn new_tasks_wake_idle_workers(backend: Backend) {
     let opts = Options {
         overrides: vec![
             ("worker.poll_ms", json!(600_000)),
@@ -522,9 +522,11 @@ async fn postgres_wakes_idle_workers_on_each_new_task() {
         ],
         ..Default::default()
     };
-    let Some(app) = TestApp::spawn_with(Backend::Postgres, opts).await else {
+    let Some(app) = TestApp::spawn_with(backend, opts).await else {
         return;
     };
+    // Quiet long enough for SQLite's watch to look at its slowest.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     for i in 0..3 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let started = Instant::now();
@@ -537,6 +539,7 @@ async fn postgres_wakes_idle_workers_on_each_new_task() {
 }
 
 crate::both_backends!(
+    new_tasks_wake_idle_workers,
     an_idle_worker_takes_each_new_job_promptly,
     failure_after_cancel_request_is_final,
     submit_and_poll,

@@ -5,8 +5,9 @@
 //! empty, nothing wakes the worker until its next heartbeat (`worker.lease_secs / 3`, 10 s by
 //! default): a queue that goes idle and gets one new task could leave it waiting that long.
 //! [`Every`] polls each new timer at once, so an idle worker always looks again one interval
-//! later. On Postgres it also listens for apalis' notification of each new task, so an idle
-//! worker starts a new task as soon as it is committed rather than at its next poll.
+//! later. On Postgres it also listens for apalis' notification of each new task, and on SQLite
+//! it watches for commits ([`SqliteCommits`]), so an idle worker starts a new task as soon as
+//! it is committed rather than at its next poll.
 
 use std::{
     pin::Pin,
@@ -81,6 +82,89 @@ impl PollStrategy for Every {
     }
 }
 
+/// SQLite's stand-in for Postgres' notifications: a connection of its own reads
+/// `PRAGMA data_version` (a counter in SQLite's shared memory), and each time another
+/// connection, in this process or another, has committed, it wakes every worker that
+/// subscribed. While the database is busy it looks every [`WATCH_EVERY`], so a worker finds a
+/// new task within about a millisecond of its commit whatever its poll interval; after a quiet
+/// second it looks less and less often, down to every [`WATCH_IDLE`], so an idle worker costs
+/// next to nothing. It runs while the pool is alive.
+#[derive(Clone)]
+pub struct SqliteCommits {
+    subscribers: std::sync::Arc<std::sync::Mutex<Vec<futures::channel::mpsc::Sender<()>>>>,
+}
+
+/// How often [`SqliteCommits`] looks at the database's commit counter while commits come.
+pub const WATCH_EVERY: Duration = Duration::from_millis(1);
+/// How often it looks when the database has been quiet for a while.
+pub const WATCH_IDLE: Duration = Duration::from_millis(25);
+/// How long without a commit before it starts looking less often.
+const QUIET: Duration = Duration::from_secs(1);
+
+impl SqliteCommits {
+    /// Starts watching the database `options` opens. If the watch cannot start or fails, the
+    /// subscribers' streams end and their workers poll at their interval alone.
+    pub fn watch(options: sqlx::sqlite::SqliteConnectOptions) -> Self {
+        let commits = SqliteCommits {
+            subscribers: Default::default(),
+        };
+        let subscribers = std::sync::Arc::downgrade(&commits.subscribers);
+        tokio::spawn(async move {
+            use sqlx::Connection;
+            let ended = |why: String| {
+                tracing::warn!(
+                    "SQLite commit watch stopped ({why}); workers poll at their interval"
+                );
+            };
+            let mut conn = match sqlx::SqliteConnection::connect_with(&options).await {
+                Ok(conn) => conn,
+                Err(e) => return ended(e.to_string()),
+            };
+            let mut every = WATCH_EVERY;
+            let mut changed = Instant::now();
+            let mut last = None;
+            loop {
+                tokio::time::sleep(every).await;
+                // The pool's last handle is gone: nothing left to wake.
+                let Some(subscribers) = subscribers.upgrade() else {
+                    return;
+                };
+                let version: i64 = match sqlx::query_scalar("PRAGMA data_version")
+                    .fetch_one(&mut conn)
+                    .await
+                {
+                    Ok(v) => v,
+                    Err(e) => return ended(e.to_string()),
+                };
+                if last.is_some_and(|l| l != version) {
+                    let mut subscribers = subscribers.lock().unwrap_or_else(|e| e.into_inner());
+                    // A full channel already holds a wake-up; a closed one lost its worker.
+                    subscribers.retain_mut(|s| match s.try_send(()) {
+                        Ok(()) => true,
+                        Err(e) => e.is_full(),
+                    });
+                    every = WATCH_EVERY;
+                    changed = Instant::now();
+                } else if changed.elapsed() > QUIET {
+                    every = (every * 2).min(WATCH_IDLE);
+                }
+                last = Some(version);
+            }
+        });
+        commits
+    }
+
+    /// A stream that yields after each commit by another connection.
+    pub fn subscribe(&self) -> WakeStream {
+        let (tx, rx) = futures::channel::mpsc::channel(0);
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tx);
+        Box::pin(rx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +195,45 @@ mod tests {
         .await;
         assert!(woke.is_ok(), "a tick was lost after {ticks} ticks");
         assert!(started.elapsed() >= Duration::from_millis(30));
+    }
+
+    /// A commit by another connection wakes every subscriber; without one, nothing does.
+    #[tokio::test]
+    async fn sqlite_commits_wake_subscribers() {
+        use futures::StreamExt;
+        use sqlx::Connection;
+        let dir = std::env::temp_dir().join(format!("tally-poll-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(dir.join("watch.db"))
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+        let mut writer = sqlx::SqliteConnection::connect_with(&options)
+            .await
+            .expect("connect");
+        sqlx::query("CREATE TABLE t (x INTEGER)")
+            .execute(&mut writer)
+            .await
+            .expect("create");
+        let commits = SqliteCommits::watch(options);
+        let (mut a, mut b) = (commits.subscribe(), commits.subscribe());
+        // The watch's first look only learns the counter.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let quiet = tokio::time::timeout(Duration::from_millis(100), a.next()).await;
+        assert!(quiet.is_err(), "woken without a commit");
+        sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut writer)
+            .await
+            .expect("insert");
+        for s in [&mut a, &mut b] {
+            let woke = tokio::time::timeout(Duration::from_secs(2), s.next()).await;
+            assert_eq!(
+                woke.ok().flatten(),
+                Some(()),
+                "a commit did not wake a subscriber"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A signal wakes the worker long before its interval is up.

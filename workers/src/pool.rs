@@ -168,6 +168,7 @@ impl WorkerPool {
             ),
             Db::Sqlite(_) => None,
         };
+        let mut sqlite_commits = None;
         for (queue, worker_id) in w.queues.iter().zip(holders.clone()) {
             let (rt, concurrency, batch, queue) =
                 (rt.clone(), w.concurrency, w.batch_size, queue.clone());
@@ -210,12 +211,22 @@ impl WorkerPool {
                             .with_wake(Box::pin(futures::StreamExt::map(signals, |_| ())))
                     }
                 ),
-                Db::Sqlite(pool) => register!(
-                    SqliteStorage,
-                    apalis_sqlite::Config,
-                    pool.clone(),
-                    |_: &sqlx::SqlitePool, _: &str| crate::poll::Every::new(poll)
-                ),
+                // SQLite: woken by the commits of other connections.
+                Db::Sqlite(pool) => {
+                    let commits = sqlite_commits
+                        .get_or_insert_with(|| {
+                            crate::poll::SqliteCommits::watch((*pool.connect_options()).clone())
+                        })
+                        .clone();
+                    register!(
+                        SqliteStorage,
+                        apalis_sqlite::Config,
+                        pool.clone(),
+                        |_: &sqlx::SqlitePool, _: &str| {
+                            crate::poll::Every::new(poll).with_wake(commits.subscribe())
+                        }
+                    )
+                }
             };
         }
         tracing::info!(worker = %self.name, queues = ?w.queues, concurrency = w.concurrency, "worker pools started");
