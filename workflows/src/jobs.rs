@@ -983,14 +983,16 @@ pub async fn finish_many(
             // One prepared statement whatever the batch size: the outcomes travel as arrays.
             // It also completes the tasks (`d`), stores the replies of the jobs that succeeded
             // (`m`, `mc`) and locks their reservations for the settlement that follows (`r`).
+            // Rows of other tables are picked by `= ANY(ARRAY(...))`, read once: an
+            // `IN (SELECT ...)` lets a generic plan scan the table and probe per row.
             let sql = format!(
                 "WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at, vtask) AS (SELECT * FROM \
                  UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], \
                  $9::text[])), u AS ({}, v.vtask), \
-                 d AS (DELETE FROM apalis.jobs WHERE lock_by = ANY($10) AND id IN \
-                 (SELECT vtask FROM u UNION ALL SELECT * FROM UNNEST($11::text[]))), {}, \
-                 r AS (SELECT {RESERVATION_COLUMNS} FROM ledger_reservations WHERE id IN \
-                 (SELECT reservation_id FROM u WHERE status = 'succeeded') ORDER BY id FOR UPDATE) \
+                 d AS (DELETE FROM apalis.jobs WHERE lock_by = ANY($10) AND id = ANY(ARRAY(\
+                 SELECT vtask FROM u UNION ALL SELECT * FROM UNNEST($11::text[])))), {}, \
+                 r AS (SELECT {RESERVATION_COLUMNS} FROM ledger_reservations WHERE id = ANY(ARRAY(\
+                 SELECT reservation_id FROM u WHERE status = 'succeeded')) ORDER BY id FOR UPDATE) \
                  SELECT u.id, u.kind, u.priority, u.run_at, u.status, u.reservation_id, \
                  r.user_id AS r_user_id, r.amount AS r_amount, r.settled AS r_settled, \
                  r.state AS r_state, r.job_id AS r_job_id, r.expires_at AS r_expires_at, \
