@@ -538,6 +538,53 @@ async fn new_tasks_wake_idle_workers(backend: Backend) {
     app.stop().await;
 }
 
+/// Connections the server dropped (as a restart does) cost no submission: the transaction
+/// that meets one begins again on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replaces_connections_the_server_dropped() {
+    let Some(app) = TestApp::spawn_api_only(Backend::Postgres).await else {
+        return;
+    };
+    // Several pooled connections, all idle for less than a second afterwards.
+    let firsts: Vec<_> = (0..8)
+        .map(|i| {
+            app.post(
+                &app.user_key,
+                "/v1/jobs",
+                json!({"kind": "echo", "input": i}),
+            )
+        })
+        .collect();
+    for resp in futures::future::join_all(firsts).await {
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    }
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&app.url)
+        .await
+        .expect("connect");
+    let dropped: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .expect("terminate");
+    assert!(!dropped.is_empty(), "the app held no connection");
+    let resp = app
+        .post(
+            &app.user_key,
+            "/v1/jobs",
+            json!({"kind": "echo", "input": "after"}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let job: Value = resp.json().await.expect("json");
+    assert_eq!(
+        app.job(job["id"].as_str().expect("id")).await["status"],
+        "queued"
+    );
+    app.stop().await;
+}
+
 crate::both_backends!(
     new_tasks_wake_idle_workers,
     an_idle_worker_takes_each_new_job_promptly,

@@ -102,8 +102,8 @@ pub const WATCH_IDLE: Duration = Duration::from_millis(25);
 const QUIET: Duration = Duration::from_secs(1);
 
 impl SqliteCommits {
-    /// Starts watching the database `options` opens. If the watch cannot start or fails, the
-    /// subscribers' streams end and their workers poll at their interval alone.
+    /// Starts watching the database `options` opens. If the watch loses its connection, it
+    /// opens another a second later; meanwhile the workers poll at their interval.
     pub fn watch(options: sqlx::sqlite::SqliteConnectOptions) -> Self {
         let commits = SqliteCommits {
             subscribers: Default::default(),
@@ -111,44 +111,49 @@ impl SqliteCommits {
         let subscribers = std::sync::Arc::downgrade(&commits.subscribers);
         tokio::spawn(async move {
             use sqlx::Connection;
-            let ended = |why: String| {
-                tracing::warn!(
-                    "SQLite commit watch stopped ({why}); workers poll at their interval"
-                );
-            };
-            let mut conn = match sqlx::SqliteConnection::connect_with(&options).await {
-                Ok(conn) => conn,
-                Err(e) => return ended(e.to_string()),
-            };
-            let mut every = WATCH_EVERY;
-            let mut changed = Instant::now();
-            let mut last = None;
-            loop {
-                tokio::time::sleep(every).await;
-                // The pool's last handle is gone: nothing left to wake.
-                let Some(subscribers) = subscribers.upgrade() else {
-                    return;
+            // The pool's last handle is gone when no subscriber list is left: nothing to wake.
+            while subscribers.strong_count() > 0 {
+                let mut conn = match sqlx::SqliteConnection::connect_with(&options).await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "SQLite commit watch cannot connect; retrying in 1 s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
                 };
-                let version: i64 = match sqlx::query_scalar("PRAGMA data_version")
-                    .fetch_one(&mut conn)
-                    .await
-                {
-                    Ok(v) => v,
-                    Err(e) => return ended(e.to_string()),
-                };
-                if last.is_some_and(|l| l != version) {
-                    let mut subscribers = subscribers.lock().unwrap_or_else(|e| e.into_inner());
-                    // A full channel already holds a wake-up; a closed one lost its worker.
-                    subscribers.retain_mut(|s| match s.try_send(()) {
-                        Ok(()) => true,
-                        Err(e) => e.is_full(),
-                    });
-                    every = WATCH_EVERY;
-                    changed = Instant::now();
-                } else if changed.elapsed() > QUIET {
-                    every = (every * 2).min(WATCH_IDLE);
+                let mut every = WATCH_EVERY;
+                let mut changed = Instant::now();
+                let mut last = None;
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(subscribers) = subscribers.upgrade() else {
+                        return;
+                    };
+                    let version: i64 = match sqlx::query_scalar("PRAGMA data_version")
+                        .fetch_one(&mut conn)
+                        .await
+                    {
+                        Ok(v) => v,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "SQLite commit watch lost its connection; reconnecting in 1 s");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            break;
+                        }
+                    };
+                    if last.is_some_and(|l| l != version) {
+                        let mut subscribers = subscribers.lock().unwrap_or_else(|e| e.into_inner());
+                        // A full channel already holds a wake-up; a closed one lost its worker.
+                        subscribers.retain_mut(|s| match s.try_send(()) {
+                            Ok(()) => true,
+                            Err(e) => e.is_full(),
+                        });
+                        every = WATCH_EVERY;
+                        changed = Instant::now();
+                    } else if changed.elapsed() > QUIET {
+                        every = (every * 2).min(WATCH_IDLE);
+                    }
+                    last = Some(version);
                 }
-                last = Some(version);
             }
         });
         commits

@@ -108,9 +108,11 @@ pub fn pg_options_bookkeeping(url: &str) -> Result<sqlx::postgres::PgConnectOpti
 /// Pool settings every Tally pool shares. sqlx pings a connection each time it leaves the pool
 /// by default: a round trip before every statement outside a transaction and every `BEGIN`,
 /// about a third of a chat job's trips to Postgres. Tally pings only a connection that sat
-/// idle long enough to have been dropped by the server or a proxy in between; a connection
-/// that broke since is found by the statement that uses it, which fails like any database
-/// error.
+/// idle for a second or more, as one does when the system is quiet (when a restarted server or
+/// a proxy may have dropped it); under load connections are reused within milliseconds and
+/// never pinged. sqlx still pings each connection in the background when it goes back to the
+/// pool. A connection that broke while in use fails its statement; [`Db::begin`] then tries
+/// once more on another.
 pub fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> {
     sqlx::pool::PoolOptions::<DB>::new()
         .test_before_acquire(false)
@@ -125,7 +127,21 @@ pub fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> {
 }
 
 /// How long a pooled connection may sit idle before it is checked on its way out.
-const PING_IF_IDLE_FOR: Duration = Duration::from_secs(30);
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// Whether `e` says the connection itself is gone (the server restarted or dropped it), so
+/// the same work may be tried again on another connection.
+fn connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+        // Class 08 (connection exception) and 57P01 to 57P03 (the server is shutting down or
+        // restarting).
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
+}
 
 impl Db {
     /// Connects to `postgres://...` or `sqlite://FILE` (the file and its folder are created).
@@ -225,10 +241,24 @@ impl Db {
     pub async fn begin(&self) -> Result<Tx, DbError> {
         let db = self.clone();
         let started = tokio::spawn(async move {
-            Ok::<_, sqlx::Error>(match db {
-                Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
-                Db::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
-            })
+            let begin = || async {
+                Ok::<_, sqlx::Error>(match &db {
+                    Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+                    Db::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+                })
+            };
+            // A pooled connection the server dropped fails and is closed; the next one may
+            // have been dropped too (a restart drops them all), so once more per connection.
+            let mut tries = with_pool!(&db, pool => pool.size()) + 1;
+            loop {
+                match begin().await {
+                    Err(e) if connection_lost(&e) && tries > 1 => {
+                        tries -= 1;
+                        tracing::warn!(error = %e, "a pooled connection was lost; beginning on another");
+                    }
+                    other => break other,
+                }
+            }
         });
         match started.await {
             Ok(tx) => Ok(tx?),

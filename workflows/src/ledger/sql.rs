@@ -52,29 +52,37 @@ pub(super) async fn lock_accounts(
         if rows.len() == ids.len() {
             return Ok(rows);
         }
-        // Only if an account this process saw was never committed (its batch rolled back)
-        // or the database was replaced: create what is missing and lock it as well.
+        // Only if the database was replaced under this process (accounts are never deleted,
+        // and only committed ones are remembered): create what is missing and lock it too.
     }
-    create_missing(tx, ids, now).await?;
+    let created = create_missing(tx, ids, now).await?;
     let rows = lock_existing(tx, ids).await?;
-    known::remember(ids);
+    // Only accounts some other transaction committed: one created here exists only if this
+    // transaction commits (a later batch that finds it remembers it).
+    let existed: Vec<String> = ids
+        .iter()
+        .filter(|id| !created.contains(id))
+        .cloned()
+        .collect();
+    known::remember(&existed);
     Ok(rows)
 }
 
-/// Creates the accounts among `ids` (sorted) that do not exist yet.
-async fn create_missing(tx: &mut Tx, ids: &[String], now: i64) -> Result<(), DbError> {
+/// Creates the accounts among `ids` (sorted) that do not exist yet; returns those it created.
+async fn create_missing(tx: &mut Tx, ids: &[String], now: i64) -> Result<Vec<String>, DbError> {
+    let mut created = Vec::new();
     match tx {
         Tx::Postgres(tx) => {
             let floors: Vec<bool> = ids.iter().map(|a| accounts::no_overdraft(a)).collect();
-            sqlx::query(
+            created = sqlx::query_scalar(
                 "INSERT INTO ledger_accounts (id, balance, no_overdraft, updated_at) \
                  SELECT id, 0, floor, $3 FROM UNNEST($1::text[], $2::bool[]) AS v (id, floor) \
-                 ORDER BY id ON CONFLICT (id) DO NOTHING",
+                 ORDER BY id ON CONFLICT (id) DO NOTHING RETURNING id",
             )
             .bind(ids)
             .bind(&floors)
             .bind(now)
-            .execute(&mut **tx)
+            .fetch_all(&mut **tx)
             .await?;
         }
         Tx::Sqlite(tx) => {
@@ -88,12 +96,13 @@ async fn create_missing(tx: &mut Tx, ids: &[String], now: i64) -> Result<(), DbE
                         .push_bind(accounts::no_overdraft(id))
                         .push_bind(now);
                 });
-                qb.push(" ON CONFLICT (id) DO NOTHING");
-                qb.build().execute(&mut **tx).await?;
+                qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
+                let ids: Vec<String> = qb.build_query_scalar().fetch_all(&mut **tx).await?;
+                created.extend(ids);
             }
         }
     }
-    Ok(())
+    Ok(created)
 }
 
 /// The existing accounts among `ids` (sorted), locked in id order, with their balances.
