@@ -90,15 +90,10 @@ impl WorkerPool {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), DbError> {
         // Claims are bookkeeping: on Postgres they commit without waiting for the disk, in a
-        // pool of their own (see `pg_options_bookkeeping`).
+        // pool of their own (see `pg_bookkeeping_pool`).
         let claims_db = match &self.db {
             Db::Postgres(_) => Db::Postgres(
-                tally_workflows::db::pool_options::<sqlx::Postgres>()
-                    .max_connections(4)
-                    .connect_with(tally_workflows::db::pg_options_bookkeeping(
-                        &self.cfg.database_url(),
-                    )?)
-                    .await?,
+                tally_workflows::db::pg_bookkeeping_pool(&self.cfg.database_url(), 4).await?,
             ),
             Db::Sqlite(_) => self.db.clone(),
         };
@@ -155,16 +150,15 @@ impl WorkerPool {
         // connection still inside the transaction (see `Db::begin`); in its own pool, that
         // connection only ever runs apalis' statements, and never Tally's autocommit ones.
         // What apalis writes there (task locks, heartbeats) is bookkeeping: it commits without
-        // waiting for the disk (see `pg_options_bookkeeping`). Its fetch is one statement
+        // waiting for the disk (see `pg_bookkeeping_pool`). Its fetch is one statement
         // outside any transaction (vendor/apalis-postgres).
         let apalis_pool = match &self.db {
             Db::Postgres(_) => Some(
-                tally_workflows::db::pool_options::<sqlx::Postgres>()
-                    .max_connections(2 + 2 * w.queues.len() as u32)
-                    .connect_with(tally_workflows::db::pg_options_bookkeeping(
-                        &self.cfg.database_url(),
-                    )?)
-                    .await?,
+                tally_workflows::db::pg_bookkeeping_pool(
+                    &self.cfg.database_url(),
+                    2 + 2 * w.queues.len() as u32,
+                )
+                .await?,
             ),
             Db::Sqlite(_) => None,
         };

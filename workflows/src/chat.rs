@@ -246,52 +246,43 @@ pub async fn ask_many(
         .collect())
 }
 
-/// Inserts messages (a message already stored is kept) and touches their conversations.
+/// SQLite: inserts messages (a message already stored is kept) and touches their
+/// conversations. (On Postgres the statement that writes a question's job, or a reply's
+/// outcome, inserts them: [`pg_insert_messages`].)
 ///
 /// Every transaction that touches a conversation and a user's accounts touches the
 /// conversation first (a question and an outcome both do it in their first statement), so
 /// two of them cannot deadlock.
-pub(crate) async fn insert_many(tx: &mut Tx, ms: &[Message]) -> Result<(), DbError> {
-    if ms.is_empty() {
-        return Ok(());
-    }
+pub(crate) async fn sqlite_insert_many(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    ms: &[Message],
+) -> Result<(), DbError> {
     let now = now_ms();
-    match tx {
-        Tx::Postgres(tx) => {
-            let rows = PgMessageRows::of(ms);
-            let sql = format!("WITH {} SELECT 1", pg_insert_messages(2, "$1", "TRUE"));
-            let q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
-            bind_messages!(q, rows).execute(&mut **tx).await?;
+    for chunk in ms.chunks(500) {
+        let mut qb =
+            sqlx::QueryBuilder::new(format!("INSERT INTO ai_messages ({MESSAGE_COLUMNS}) "));
+        qb.push_values(chunk, |mut b, m| {
+            b.push_bind(&m.id)
+                .push_bind(&m.conversation_id)
+                .push_bind(&m.role)
+                .push_bind(&m.content)
+                .push_bind(&m.job_id)
+                .push_bind(&m.model)
+                .push_bind(&m.provider)
+                .push_bind(m.input_tokens)
+                .push_bind(m.output_tokens)
+                .push_bind(m.created_at);
+        });
+        qb.push(" ON CONFLICT (id) DO NOTHING");
+        qb.build().execute(&mut **tx).await?;
+        let mut qb = sqlx::QueryBuilder::new("UPDATE ai_conversations SET updated_at = ");
+        qb.push_bind(now).push(" WHERE id IN (");
+        let mut list = qb.separated(", ");
+        for m in chunk {
+            list.push_bind(&m.conversation_id);
         }
-        Tx::Sqlite(tx) => {
-            for chunk in ms.chunks(500) {
-                let mut qb = sqlx::QueryBuilder::new(format!(
-                    "INSERT INTO ai_messages ({MESSAGE_COLUMNS}) "
-                ));
-                qb.push_values(chunk, |mut b, m| {
-                    b.push_bind(&m.id)
-                        .push_bind(&m.conversation_id)
-                        .push_bind(&m.role)
-                        .push_bind(&m.content)
-                        .push_bind(&m.job_id)
-                        .push_bind(&m.model)
-                        .push_bind(&m.provider)
-                        .push_bind(m.input_tokens)
-                        .push_bind(m.output_tokens)
-                        .push_bind(m.created_at);
-                });
-                qb.push(" ON CONFLICT (id) DO NOTHING");
-                qb.build().execute(&mut **tx).await?;
-                let mut qb = sqlx::QueryBuilder::new("UPDATE ai_conversations SET updated_at = ");
-                qb.push_bind(now).push(" WHERE id IN (");
-                let mut list = qb.separated(", ");
-                for m in chunk {
-                    list.push_bind(&m.conversation_id);
-                }
-                qb.push(")");
-                qb.build().execute(&mut **tx).await?;
-            }
-        }
+        qb.push(")");
+        qb.build().execute(&mut **tx).await?;
     }
     Ok(())
 }
@@ -330,7 +321,7 @@ pub(crate) struct PgMessageRows {
 }
 
 impl PgMessageRows {
-    pub(crate) fn of(ms: &[Message]) -> Self {
+    pub(crate) fn of<'a>(ms: impl IntoIterator<Item = &'a Message>) -> Self {
         let mut rows = PgMessageRows::default();
         for m in ms {
             rows.ids.push(m.id.clone());

@@ -95,14 +95,19 @@ fn migrator(base: &Migrator) -> Migrator {
     m
 }
 
-/// Connection options for a `postgres://` URL, for a pool that only writes queue bookkeeping a crash may lose without harm
+/// A pool on a `postgres://` URL that only writes queue bookkeeping a crash may lose without harm
 /// (apalis' task locks and heartbeats, Tally's claims of jobs): its commits do not wait for
 /// the disk (`synchronous_commit = off`). Postgres stays consistent: a commit it loses is
 /// only the most recent ones, and any later commit that does wait (an outcome, a ledger
 /// transfer) flushes everything before it. A claim lost that way leaves its job queued, to run
 /// again, as it would had the worker died. Money and outcomes never go through such a pool.
-pub fn pg_options_bookkeeping(url: &str) -> Result<sqlx::postgres::PgConnectOptions, DbError> {
-    Ok(sqlx::postgres::PgConnectOptions::from_str(url)?.options([("synchronous_commit", "off")]))
+pub async fn pg_bookkeeping_pool(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    let options =
+        sqlx::postgres::PgConnectOptions::from_str(url)?.options([("synchronous_commit", "off")]);
+    Ok(pool_options::<Postgres>()
+        .max_connections(max_connections)
+        .connect_with(options)
+        .await?)
 }
 
 /// Pool settings every Tally pool shares. sqlx pings a connection each time it leaves the pool

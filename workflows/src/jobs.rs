@@ -101,6 +101,17 @@ fn parse_json(text: &Option<String>) -> Value {
 }
 
 impl Job {
+    /// The queue task that runs this job now (or at its `run_at`), on `queue`.
+    fn enqueue(&self, queue: &'static str) -> Enqueue {
+        Enqueue {
+            job_id: self.id.clone(),
+            kind: self.kind.clone(),
+            queue,
+            priority: self.priority,
+            run_at_ms: self.run_at,
+        }
+    }
+
     pub fn status(&self) -> Status {
         Status::parse(&self.status).unwrap_or(Status::Dead)
     }
@@ -263,13 +274,7 @@ pub async fn submit_in(
                 let enqueues: Vec<Enqueue> = rows
                     .iter()
                     .zip(chunk)
-                    .map(|(j, new)| Enqueue {
-                        job_id: j.id.clone(),
-                        kind: j.kind.clone(),
-                        queue: new.queue,
-                        priority: j.priority,
-                        run_at_ms: j.run_at,
-                    })
+                    .map(|(j, new)| j.enqueue(new.queue))
                     .collect();
                 let t = queue::PgTaskRows::of(&enqueues)?;
                 let questions: Vec<crate::chat::Message> = rows
@@ -343,18 +348,17 @@ pub async fn submit_in(
                         .push_bind(&j.reservation_id);
                 });
                 qb.push(" ON CONFLICT DO NOTHING RETURNING id");
-                qb.build_query_scalar().fetch_all(&mut **conn).await?
+                let inserted: Vec<String> = qb.build_query_scalar().fetch_all(&mut **conn).await?;
+                let questions: Vec<crate::chat::Message> = rows
+                    .iter()
+                    .zip(chunk)
+                    .filter(|(j, _)| inserted.contains(&j.id))
+                    .filter_map(|(j, new)| new.asked.as_ref().map(|a| a.message(j)))
+                    .collect();
+                crate::chat::sqlite_insert_many(conn, &questions).await?;
+                inserted
             }
         };
-        if matches!(tx, crate::db::Tx::Sqlite(_)) {
-            let questions: Vec<crate::chat::Message> = rows
-                .iter()
-                .zip(chunk)
-                .filter(|(j, _)| inserted.contains(&j.id))
-                .filter_map(|(j, new)| new.asked.as_ref().map(|a| a.message(j)))
-                .collect();
-            crate::chat::insert_many(tx, &questions).await?;
-        }
         for (row, new) in rows.into_iter().zip(chunk) {
             if inserted.contains(&row.id) {
                 fresh.push((out.len(), new.queue));
@@ -438,32 +442,21 @@ pub async fn submit_in(
             .iter()
             .filter_map(|(id, _)| task_ids.get(id).map(String::as_str))
             .collect();
-        if let crate::db::Tx::Postgres(conn) = &mut *tx
-            && !tasks.is_empty()
-        {
-            sqlx::query("DELETE FROM apalis.jobs WHERE id = ANY($1)")
-                .bind(&tasks)
-                .execute(&mut **conn)
-                .await?;
+        if let crate::db::Tx::Postgres(conn) = &mut *tx {
+            queue::pg_drop(conn, &tasks).await?;
         }
     }
-    if matches!(tx, crate::db::Tx::Postgres(_)) {
-        return Ok(out);
+    // SQLite: the tasks of the jobs kept (Postgres wrote them with the jobs).
+    if matches!(tx, crate::db::Tx::Sqlite(_)) {
+        let pushes: Vec<Enqueue> = fresh
+            .iter()
+            .filter_map(|(i, queue)| match &out[*i] {
+                Ok((job, true)) => Some(job.enqueue(queue)),
+                _ => None,
+            })
+            .collect();
+        queue::push(tx, &pushes).await?;
     }
-    let pushes: Vec<Enqueue> = fresh
-        .iter()
-        .filter_map(|(i, queue)| match &out[*i] {
-            Ok((job, true)) => Some(Enqueue {
-                job_id: job.id.clone(),
-                kind: job.kind.clone(),
-                queue,
-                priority: job.priority,
-                run_at_ms: job.run_at,
-            }),
-            _ => None,
-        })
-        .collect();
-    queue::push(tx, &pushes).await?;
     Ok(out)
 }
 
@@ -957,16 +950,8 @@ pub async fn finish_many(
             None
         }
     };
-    // A task is done when its attempt's outcome was stored (or it ran no attempt): on Postgres
-    // the statement that stores the outcomes also deletes those tasks (see `queue::complete`).
-    let mut tasks_done = false;
-    let staged: Vec<crate::chat::Message> = finishes
-        .iter()
-        .flat_map(|f| f.messages.iter().cloned())
-        .collect();
     let updated: Vec<Applied> = match &mut tx {
         crate::db::Tx::Postgres(tx) => {
-            tasks_done = true;
             let task_of: std::collections::HashMap<&str, &str> = items
                 .iter()
                 .filter_map(|c| {
@@ -989,8 +974,7 @@ pub async fn finish_many(
                 "WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at, vtask) AS (SELECT * FROM \
                  UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], \
                  $9::text[])), u AS ({}, v.vtask), \
-                 d AS (DELETE FROM apalis.jobs WHERE lock_by = ANY($10) AND id = ANY(ARRAY(\
-                 SELECT vtask FROM u UNION ALL SELECT * FROM UNNEST($11::text[])))), {}, \
+                 d AS ({}), {}, \
                  r AS (SELECT {RESERVATION_COLUMNS} FROM ledger_reservations WHERE id = ANY(ARRAY(\
                  SELECT reservation_id FROM u WHERE status = 'succeeded')) ORDER BY id FOR UPDATE) \
                  SELECT u.id, u.kind, u.priority, u.run_at, u.status, u.reservation_id, \
@@ -999,13 +983,18 @@ pub async fn finish_many(
                  r.created_at AS r_created_at, r.closed_at AS r_closed_at \
                  FROM u LEFT JOIN r ON r.id = u.reservation_id",
                 set("$1", "$2"),
+                queue::pg_complete_tasks(
+                    "$10",
+                    "SELECT vtask FROM u UNION ALL SELECT * FROM UNNEST($11::text[])"
+                ),
                 crate::chat::pg_insert_messages(
                     12,
                     "$1",
                     "x.job_id IN (SELECT id FROM u WHERE status = 'succeeded')"
                 )
             );
-            let messages = crate::chat::PgMessageRows::of(&staged);
+            let messages =
+                crate::chat::PgMessageRows::of(finishes.iter().flat_map(|f| &f.messages));
             let q = sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(now)
                 .bind(worker)
@@ -1124,15 +1113,26 @@ pub async fn finish_many(
             owner: None,
         });
     }
-    if !tasks_done {
-        // SQLite: the replies of the jobs that succeeded, before the ledger as on Postgres
-        // (conversations before accounts: see `chat::insert_many`).
+    // SQLite: what the Postgres statement also did. The replies of the jobs that succeeded go
+    // before the ledger, as there (conversations before accounts); a task is done when its
+    // attempt's outcome was stored (or it ran no attempt).
+    if let crate::db::Tx::Sqlite(conn) = &mut tx {
         let messages: Vec<crate::chat::Message> = finishes
             .iter()
             .filter(|f| applied.get(&f.id) == Some(&Status::Succeeded))
             .flat_map(|f| f.messages.iter().cloned())
             .collect();
-        crate::chat::insert_many(&mut tx, &messages).await?;
+        crate::chat::sqlite_insert_many(conn, &messages).await?;
+        let task_ids: Vec<String> = items
+            .iter()
+            .filter(|c| {
+                c.finish
+                    .as_ref()
+                    .is_none_or(|f| applied.contains_key(&f.id))
+            })
+            .map(|c| c.task_id.clone())
+            .collect();
+        queue::sqlite_complete(conn, &task_ids, holders).await?;
     }
     for answer in ledger::execute_locked(&mut tx, &money, now, locked).await? {
         if let Err(e) = answer {
@@ -1146,18 +1146,6 @@ pub async fn finish_many(
             "settlement written, pausing {settle_pause:?} before commit (worker.settle_pause_ms)"
         );
         tokio::time::sleep(settle_pause).await;
-    }
-    if !tasks_done {
-        let task_ids: Vec<String> = items
-            .iter()
-            .filter(|c| {
-                c.finish
-                    .as_ref()
-                    .is_none_or(|f| applied.contains_key(&f.id))
-            })
-            .map(|c| c.task_id.clone())
-            .collect();
-        queue::complete(&mut tx, &task_ids, holders).await?;
     }
     tx.commit().await?;
     Ok(items

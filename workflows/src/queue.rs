@@ -133,44 +133,55 @@ pub async fn push(tx: &mut Tx, items: &[Enqueue]) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Completes queue tasks inside `tx`, the transaction that records their jobs' outcomes, so a
-/// task is done exactly when its attempt's outcome is stored. (Tally acknowledges tasks itself:
+/// Completes queue tasks inside the transaction that records their jobs' outcomes, so a task
+/// is done exactly when its attempt's outcome is stored. (Tally acknowledges tasks itself:
 /// apalis' own acknowledgement is switched off.) A completed task is deleted: the job's record
 /// (`tally_jobs`) keeps the history, and a delete writes no new row version or index entries,
 /// where marking it `Done` wrote both and left the queue table growing.
 ///
 /// Only tasks still locked by one of `holders` (this process's apalis workers) are completed: a
 /// task that apalis re-enqueued and another process now holds is that process's to complete.
-pub async fn complete(tx: &mut Tx, task_ids: &[String], holders: &[String]) -> Result<(), DbError> {
+///
+/// This is SQLite's; on Postgres the outcome statement does it ([`pg_complete_tasks`]).
+pub(crate) async fn sqlite_complete(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    task_ids: &[String],
+    holders: &[String],
+) -> Result<(), DbError> {
     if task_ids.is_empty() || holders.is_empty() {
         return Ok(());
     }
-    match tx {
-        // One prepared statement whatever the batch size: arrays, not a list of parameters.
-        Tx::Postgres(tx) => {
-            sqlx::query(
-                "DELETE FROM apalis.jobs USING UNNEST($1::text[]) AS d (id) \
-                 WHERE jobs.id = d.id AND lock_by = ANY($2)",
-            )
+    let mut qb = sqlx::QueryBuilder::new("DELETE FROM Jobs WHERE id IN (");
+    let mut list = qb.separated(", ");
+    for id in task_ids {
+        list.push_bind(id);
+    }
+    qb.push(") AND lock_by IN (");
+    let mut list = qb.separated(", ");
+    for holder in holders {
+        list.push_bind(holder);
+    }
+    qb.push(")");
+    qb.build().execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Postgres: a writable CTE's body that completes (see [`sqlite_complete`]) the tasks whose ids
+/// `ids` (a subquery) gives, if one of the `holders` (an array parameter) still locks them.
+pub(crate) fn pg_complete_tasks(holders: &str, ids: &str) -> String {
+    format!("DELETE FROM apalis.jobs WHERE lock_by = ANY({holders}) AND id = ANY(ARRAY({ids}))")
+}
+
+/// Postgres: deletes the tasks written with jobs that their transaction then refused.
+pub(crate) async fn pg_drop(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    task_ids: &[&str],
+) -> Result<(), DbError> {
+    if !task_ids.is_empty() {
+        sqlx::query("DELETE FROM apalis.jobs WHERE id = ANY($1)")
             .bind(task_ids)
-            .bind(holders)
             .execute(&mut **tx)
             .await?;
-        }
-        Tx::Sqlite(tx) => {
-            let mut qb = sqlx::QueryBuilder::new("DELETE FROM Jobs WHERE id IN (");
-            let mut list = qb.separated(", ");
-            for id in task_ids {
-                list.push_bind(id);
-            }
-            qb.push(") AND lock_by IN (");
-            let mut list = qb.separated(", ");
-            for holder in holders {
-                list.push_bind(holder);
-            }
-            qb.push(")");
-            qb.build().execute(&mut **tx).await?;
-        }
     }
     Ok(())
 }
