@@ -20,6 +20,7 @@ use tally_workflows::{
     Db,
     config::Config,
     jobs::{self, NewJob, Status},
+    kinds,
     users::{self, Role},
 };
 use tokio_util::sync::CancellationToken;
@@ -191,17 +192,8 @@ async fn bench_backend(cfg: &Config, args: &BenchArgs, url: &str) -> Result<Figu
         let n = left.min(1000);
         let batch = (0..n)
             .map(|i| NewJob {
-                user_id: user.id.clone(),
-                kind: "echo".into(),
-                queue: "system",
-                input: json!({ "i": i }),
-                priority: 0,
-                run_at_ms: None,
                 max_attempts: 3,
-                idempotency_key: None,
-                request_hash: String::new(),
-                price: 0,
-                asked: None,
+                ..NewJob::new(&user.id, &kinds::ECHO, json!({ "i": i }))
             })
             .collect();
         for answer in jobs::submit_many(&db, batch).await? {

@@ -187,8 +187,8 @@ async fn ask(
     let request = json!({ "conversation": c.id, "content": body.content, "input": job_input });
     let new = NewJob {
         user_id: user.id.clone(),
-        kind: "chat".to_owned(),
-        queue: "ai",
+        kind: tally_workflows::chat::KIND.name.to_owned(),
+        queue: tally_workflows::chat::KIND.queue,
         input: job_input,
         priority: 0,
         run_at_ms: None,
@@ -196,7 +196,8 @@ async fn ask(
         idempotency_key: key,
         request_hash: crate::extract::request_hash(&request),
         price: estimate,
-        asked: None,
+        id: None,
+        rows: Vec::new(),
     };
     let question = chat::Question {
         conversation_id: c.id.clone(),
@@ -255,8 +256,8 @@ async fn create_task(
         json!({ "goal": body.goal, "max_steps": max_steps, "model": model.id, "input": input });
     let new = NewJob {
         user_id: user.id.clone(),
-        kind: "agent".to_owned(),
-        queue: "ai",
+        kind: tally_workflows::agents::KIND.name.to_owned(),
+        queue: tally_workflows::agents::KIND.queue,
         input,
         priority: 0,
         run_at_ms: None,
@@ -264,7 +265,8 @@ async fn create_task(
         idempotency_key: crate::extract::idempotency_key(&headers)?,
         request_hash: crate::extract::request_hash(&request),
         price: 0,
-        asked: None,
+        id: None,
+        rows: Vec::new(),
     };
     let (task, job) = agents::create(
         &state.db,
@@ -299,7 +301,7 @@ async fn show_task(
     let job = jobs::get(&state.db, &id, &user).await?;
     let task = agents::get(&state.db, &id)
         .await?
-        .filter(|_| job.kind == "agent")
+        .filter(|_| job.kind == tally_workflows::agents::KIND.name)
         .ok_or_else(|| ApiError::not_found("no agent task with this id"))?;
     let steps = agents::steps(&state.db, &id).await?;
     let cost = tally_workflows::ledger::job_cost(&state.db, &id).await?;

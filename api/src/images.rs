@@ -74,8 +74,8 @@ async fn generate(
     });
     let new = NewJob {
         user_id: user.id.clone(),
-        kind: "image".to_owned(),
-        queue: "ai",
+        kind: tally_workflows::images::KIND.name.to_owned(),
+        queue: tally_workflows::images::KIND.queue,
         input: input.clone(),
         priority: 0,
         run_at_ms: None,
@@ -83,7 +83,8 @@ async fn generate(
         idempotency_key: crate::extract::idempotency_key(&headers)?,
         request_hash: crate::extract::request_hash(&input),
         price: estimate,
-        asked: None,
+        id: None,
+        rows: Vec::new(),
     };
     let (job, _) = state.submissions.call(new).await??;
     Ok((
@@ -106,7 +107,7 @@ async fn generation(
         ApiError::bad_request(format!("{raw:?} is not a job id (job ids are UUIDs)"))
     })?;
     let job = jobs::get(&state.db, &id, &user).await?;
-    if job.kind != "image" {
+    if job.kind != tally_workflows::images::KIND.name {
         return Err(ApiError::not_found("no image generation with this job id"));
     }
     let made = images::of_job(&state.db, &job.id).await?;

@@ -62,11 +62,11 @@ async fn submit(
     })?;
     if !spec.public {
         return Err(ApiError::invalid(format!(
-            "{:?} jobs are made by their own endpoint (chat: POST /v1/chat/conversations/{{id}}/messages)",
-            spec.name
+            "{:?} jobs are made by {}, not through POST /v1/jobs",
+            spec.name, spec.made_by
         )));
     }
-    kinds::validate_input(&body.kind, &body.input).map_err(ApiError::invalid)?;
+    spec.check(&body.input).map_err(ApiError::invalid)?;
     let priority = match body.priority {
         None => 0,
         Some(p @ 0..=100) => p as i32,
@@ -111,8 +111,14 @@ async fn submit(
         max_attempts,
         idempotency_key: key,
         request_hash: crate::extract::request_hash(&canonical),
-        price: state.cfg.price(spec.name),
-        asked: None,
+        // Kinds users may submit are priced by the table; usage-priced kinds have their own
+        // endpoints, which hold their estimates.
+        price: match spec.price {
+            kinds::PriceRule::Table => state.cfg.price(spec.name),
+            kinds::PriceRule::Usage => 0,
+        },
+        id: None,
+        rows: Vec::new(),
     };
     let (job, created) = state.submissions.call(new).await??;
     let mut resp = (StatusCode::ACCEPTED, Json(with_cost(&state, &job).await?)).into_response();
@@ -134,11 +140,13 @@ async fn with_cost(state: &AppState, job: &Job) -> Result<Value, ApiError> {
 /// What a job cost (`{"reserved", "settled", "transfers"}`).
 pub(crate) async fn cost(state: &AppState, job: &Job) -> Result<Value, ApiError> {
     // An agent task's steps hold and settle their own credits.
-    Ok(if job.reservation_id.is_some() || job.kind == "agent" {
-        tally_workflows::ledger::job_cost(&state.db, &job.id).await?
-    } else {
-        json!({ "reserved": 0, "settled": 0, "transfers": [] })
-    })
+    Ok(
+        if job.reservation_id.is_some() || job.kind == tally_workflows::agents::KIND.name {
+            tally_workflows::ledger::job_cost(&state.db, &job.id).await?
+        } else {
+            json!({ "reserved": 0, "settled": 0, "transfers": [] })
+        },
+    )
 }
 
 async fn show(
@@ -193,11 +201,7 @@ async fn list(
     {
         return Err(ApiError::bad_request(format!(
             "kind must be one of {}, not {k:?}",
-            kinds::KINDS
-                .iter()
-                .map(|k| k.name)
-                .collect::<Vec<_>>()
-                .join(", ")
+            kinds::names().join(", ")
         )));
     }
     let filter = ListFilter {

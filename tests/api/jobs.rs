@@ -469,7 +469,7 @@ async fn failure_after_cancel_request_is_final(backend: Backend) {
         &app.db,
         "w:1",
         &["w:1/system".to_owned()],
-        &[tally_workflows::jobs::Completion {
+        vec![tally_workflows::jobs::Completion {
             task_id: "none".into(),
             finish: Some(finish),
         }],

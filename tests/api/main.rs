@@ -8,6 +8,7 @@ mod agents;
 mod auth;
 mod chat;
 mod cli;
+mod effects;
 mod images;
 mod inputs;
 mod jobs;

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tally_workflows::{Db, DbError, chat, jobs};
+use tally_workflows::{Db, DbError, effects::Effects, jobs};
 use tokio_util::sync::CancellationToken;
 
 /// Why a kind stopped without a result.
@@ -30,6 +30,8 @@ pub enum JobFailure {
 pub struct JobContext {
     db: Db,
     job_id: String,
+    /// The job's owner (follow-up jobs are theirs too).
+    user_id: String,
     worker: String,
     /// 1 for the first attempt.
     pub attempt: u32,
@@ -38,8 +40,10 @@ pub struct JobContext {
     interrupt: CancellationToken,
     /// Unique to this run of the job (attempt numbers start again when a dead job is retried).
     run_id: String,
-    /// Messages stored with the attempt's outcome, if it succeeds.
-    staged: Vec<chat::Message>,
+    /// What the attempt's outcome also writes if the job then succeeds.
+    on_success: Effects,
+    /// What it also writes if the job then ends dead.
+    on_dead: Effects,
 }
 
 /// How often a job may look at the database for a cancel request.
@@ -49,6 +53,7 @@ impl JobContext {
     pub fn new(
         db: Db,
         job_id: String,
+        user_id: String,
         worker: String,
         attempt: u32,
         interrupt: CancellationToken,
@@ -56,12 +61,14 @@ impl JobContext {
         JobContext {
             db,
             job_id,
+            user_id,
             worker,
             attempt,
             last_check: None,
             interrupt,
             run_id: uuid::Uuid::now_v7().simple().to_string(),
-            staged: Vec::new(),
+            on_success: Effects::default(),
+            on_dead: Effects::default(),
         }
     }
 
@@ -79,15 +86,28 @@ impl JobContext {
         &self.job_id
     }
 
-    /// Stores `message` with the attempt's outcome, in the transaction that settles the job's
-    /// credits, and only if the attempt succeeds.
-    pub fn store_on_success(&mut self, message: chat::Message) {
-        self.staged.push(message);
+    pub fn user_id(&self) -> &str {
+        &self.user_id
     }
 
-    /// What [`Self::store_on_success`] collected.
-    pub fn take_staged(&mut self) -> Vec<chat::Message> {
-        std::mem::take(&mut self.staged)
+    /// What the job's success must also write (rows, follow-up jobs, ledger operations): the
+    /// engine applies it in the transaction that stores the success and settles the job's
+    /// credits, and only then.
+    pub fn on_success(&mut self) -> &mut Effects {
+        &mut self.on_success
+    }
+
+    /// The same for the job's death (a failure with no attempts left, or a fatal one).
+    pub fn on_dead(&mut self) -> &mut Effects {
+        &mut self.on_dead
+    }
+
+    /// What [`Self::on_success`] and [`Self::on_dead`] collected.
+    pub fn take_effects(&mut self) -> (Effects, Effects) {
+        (
+            std::mem::take(&mut self.on_success),
+            std::mem::take(&mut self.on_dead),
+        )
     }
 
     /// Stores progress and stops the job if it was cancelled.

@@ -21,7 +21,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     context::{JobContext, JobFailure},
-    kinds,
+    kinds::{self, Ran},
 };
 
 /// This process's name on the jobs it runs: `host:pid`, or `<worker.name>:pid`. The pid is
@@ -117,7 +117,7 @@ impl WorkerPool {
             let pause = Duration::from_millis(self.cfg.worker.settle_pause_ms);
             Batcher::spawn(MAX_BATCH, move |items: Vec<Completion>| {
                 let (db, name, holders) = (db.clone(), name.clone(), holders.clone());
-                async move { jobs::finish_many(&db, &name, &holders, &items, pause).await }
+                async move { jobs::finish_many(&db, &name, &holders, items, pause).await }
             })
         };
         let mut ai = crate::ai::Services::from_config(&self.cfg.ai, self.cfg.image_dir())
@@ -336,22 +336,29 @@ async fn run_attempt(
         rt.finishes.call(completion).await?;
         return Ok(());
     };
-    let mut staged = Vec::new();
+    let mut effects = Default::default();
     let outcome = match serde_json::from_str(&claimed.input) {
         Err(e) => Outcome::Fatal(format!("stored input is not JSON: {e}")),
         Ok(input) => {
             let mut ctx = JobContext::new(
                 rt.db.clone(),
                 claimed.id.clone(),
+                claimed.user_id.clone(),
                 rt.name.clone(),
                 claimed.attempts.max(1) as u32,
                 rt.interrupt.clone(),
             );
             let ran = kinds::run(&claimed.kind, input, &mut ctx, &rt.ai, prefetched).await;
-            staged = ctx.take_staged();
+            effects = ctx.take_effects();
             match ran {
-                Ok((v, None)) => Outcome::Succeeded(v),
-                Ok((v, Some(credits))) => Outcome::Charged(v, credits),
+                Ok(Ran {
+                    result,
+                    credits: None,
+                }) => Outcome::Succeeded(result),
+                Ok(Ran {
+                    result,
+                    credits: Some(credits),
+                }) => Outcome::Charged(result, credits),
                 Err(JobFailure::Retryable(e)) => Outcome::Failed(e),
                 Err(JobFailure::Fatal(e)) => Outcome::Fatal(e),
                 Err(JobFailure::Cancelled) => Outcome::Cancelled,
@@ -364,8 +371,8 @@ async fn run_attempt(
     let mut finish = jobs::plan(&claimed, outcome, |n| {
         retry::delay(n, rt.retry_base, rt.retry_max)
     });
-    // Written only if the job's success is applied (see `Finish::messages`).
-    finish.messages = staged;
+    // Applied only with the outcome they belong to (see `Finish::on_success`).
+    (finish.on_success, finish.on_dead) = effects;
     let completion = Completion {
         task_id: task_id.to_owned(),
         finish: Some(finish),

@@ -4,6 +4,8 @@
 //! its actual usage in one transaction: a task resumed after a crash skips every stored step,
 //! so no paid step runs twice.
 
+use crate::kinds::{Input, Kind, PriceRule};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::{
@@ -12,6 +14,21 @@ use crate::{
     ledger::{self, LedgerError, Op},
     now_ms, rfc3339, with_pool, with_tx,
 };
+
+/// `agent`: plans and runs an agent task's steps (made by `POST /v1/agents/tasks`); each step
+/// holds and settles its own usage.
+pub static KIND: Kind = Kind::new::<AgentInput>("agent", "ai")
+    .made_by("POST /v1/chat/agent-tasks")
+    .priced(PriceRule::Usage);
+
+/// An agent job's input.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentInput {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+}
+impl Input for AgentInput {}
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Task {

@@ -2,14 +2,37 @@
 //! answers it (which holds the estimated credits); the job stores the reply under an id derived
 //! from itself, so a rerun never adds a second reply.
 
+use crate::kinds::{Input, Kind, PriceRule};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+
+use futures::future::BoxFuture;
 
 use crate::{
     Db, DbError,
     db::Tx,
+    effects::{Rows, Table},
     jobs::{self, Job, JobError, NewJob},
     now_ms, rfc3339, with_pool, with_tx,
 };
+
+/// `chat`: answers a question in a conversation (made by
+/// `POST /v1/chat/conversations/{id}/messages`, which holds the estimate).
+pub static KIND: Kind = Kind::new::<ChatInput>("chat", "ai")
+    .made_by("POST /v1/chat/conversations/{id}/messages")
+    .priced(PriceRule::Usage);
+
+/// A chat job's input.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatInput {
+    pub conversation_id: String,
+    pub model: String,
+    pub max_tokens: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+}
+impl Input for ChatInput {}
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Conversation {
@@ -182,78 +205,140 @@ pub async fn messages(db: &Db, conversation_id: &str) -> Result<Vec<Message>, Db
 }
 
 /// A user's question, with the job that will answer it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Question {
     pub conversation_id: String,
     pub content: String,
     pub job: NewJob,
 }
 
-/// A question stored with the job that answers it (see [`NewJob::asked`]).
-#[derive(Debug, Clone)]
-pub struct Asked {
-    pub conversation_id: String,
-    pub content: String,
-}
-
-impl Asked {
-    /// The stored question of `job`.
-    pub(crate) fn message(&self, job: &Job) -> Message {
-        Message {
-            id: format!("{}:user", job.id),
-            conversation_id: self.conversation_id.clone(),
-            role: "user".to_owned(),
-            content: self.content.clone(),
-            job_id: Some(job.id.clone()),
-            model: None,
-            provider: None,
-            input_tokens: None,
-            output_tokens: None,
-            created_at: job.created_at,
-        }
+/// The stored form of `job_id`'s question.
+fn question_message(conversation_id: &str, content: &str, job_id: &str, at: i64) -> Message {
+    Message {
+        id: format!("{job_id}:user"),
+        conversation_id: conversation_id.to_owned(),
+        role: "user".to_owned(),
+        content: content.to_owned(),
+        job_id: Some(job_id.to_owned()),
+        model: None,
+        provider: None,
+        input_tokens: None,
+        output_tokens: None,
+        created_at: at,
     }
 }
 
 /// Stores each question and submits the job that answers it, all in one transaction (the API
-/// group-commits concurrent questions): a refused job (402) leaves no message behind. Each
-/// question gets its own answer.
+/// group-commits concurrent questions): the question is a row the job stages
+/// ([`Messages`]), so a refused job (402) leaves no message behind. Each question gets its own
+/// answer.
 pub async fn ask_many(
     db: &Db,
     questions: Vec<Question>,
 ) -> Result<Vec<Result<(Message, Job), JobError>>, DbError> {
-    let mut tx = db.begin().await?;
-    let asked: Vec<Asked> = questions
-        .iter()
-        .map(|q| Asked {
-            conversation_id: q.conversation_id.clone(),
-            content: q.content.clone(),
-        })
-        .collect();
+    let now = now_ms();
+    let mut asked = Vec::with_capacity(questions.len());
     let jobs = questions
         .into_iter()
-        .zip(&asked)
-        .map(|(q, a)| NewJob {
-            asked: Some(a.clone()),
-            ..q.job
+        .map(|q| {
+            let id = uuid::Uuid::now_v7().to_string();
+            let message = question_message(&q.conversation_id, &q.content, &id, now);
+            let rows = vec![Rows::of::<Messages>(vec![message.clone()])];
+            asked.push(message);
+            NewJob {
+                id: Some(id),
+                rows,
+                ..q.job
+            }
         })
         .collect();
+    let mut tx = db.begin().await?;
     let submitted = jobs::submit_in(&mut tx, jobs).await?;
     tx.commit().await?;
     Ok(submitted
         .into_iter()
         .zip(asked)
-        .map(|(answer, a)| answer.map(|(job, _)| (a.message(&job), job)))
+        .map(|(answer, question)| {
+            answer.map(|(job, _)| {
+                // A replayed question answers with the first job's question.
+                let m = if question.job_id.as_deref() == Some(job.id.as_str()) {
+                    question
+                } else {
+                    question_message(
+                        &question.conversation_id,
+                        &question.content,
+                        &job.id,
+                        job.created_at,
+                    )
+                };
+                (m, job)
+            })
+        })
         .collect())
 }
 
-/// SQLite: inserts messages (a message already stored is kept) and touches their
-/// conversations. (On Postgres the statement that writes a question's job, or a reply's
-/// outcome, inserts them: [`pg_insert_messages`].)
-///
-/// Every transaction that touches a conversation and a user's accounts touches the
-/// conversation first (a question and an outcome both do it in their first statement), so
-/// two of them cannot deadlock.
-pub(crate) async fn sqlite_insert_many(
+/// The conversations' messages, as rows that jobs stage: a question with its job, a reply
+/// with its job's success. A message already stored is kept; each write touches the
+/// messages' conversations (`updated_at`), locking them in id order, so two batches that
+/// touch the same conversations never deadlock.
+pub struct Messages;
+
+impl Table for Messages {
+    type Row = Message;
+    const NAME: &'static str = "ai_messages";
+
+    fn write<'a>(tx: &'a mut Tx, rows: &'a [Message]) -> BoxFuture<'a, Result<(), DbError>> {
+        Box::pin(async move {
+            match tx {
+                Tx::Postgres(conn) => pg_insert_many(conn, rows).await,
+                Tx::Sqlite(conn) => sqlite_insert_many(conn, rows).await,
+            }
+        })
+    }
+
+    fn forget<'a>(tx: &'a mut Tx, job_ids: &'a [&'a str]) -> BoxFuture<'a, Result<(), DbError>> {
+        Box::pin(delete_questions(tx, job_ids))
+    }
+}
+
+/// Postgres: [`Messages::write`] in one statement whatever the batch size.
+async fn pg_insert_many(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    ms: &[Message],
+) -> Result<(), DbError> {
+    if ms.is_empty() {
+        return Ok(());
+    }
+    let rows = PgMessageRows::of(ms);
+    // The conversations are locked in id order: an `UPDATE ... WHERE id IN (...)` locks rows in
+    // whatever order it meets them.
+    let sql = format!(
+        "WITH m AS (INSERT INTO ai_messages ({MESSAGE_COLUMNS}) SELECT * FROM UNNEST($1::text[], \
+         $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[], \
+         $9::bigint[], $10::bigint[]) ON CONFLICT (id) DO NOTHING RETURNING conversation_id) \
+         UPDATE ai_conversations SET updated_at = $11 FROM (SELECT id FROM ai_conversations \
+         WHERE id = ANY(ARRAY(SELECT conversation_id FROM m)) ORDER BY id FOR NO KEY UPDATE) \
+         AS l WHERE ai_conversations.id = l.id"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&rows.ids)
+        .bind(&rows.conversation_ids)
+        .bind(&rows.roles)
+        .bind(&rows.contents)
+        .bind(&rows.job_ids)
+        .bind(&rows.models)
+        .bind(&rows.providers)
+        .bind(&rows.input_tokens)
+        .bind(&rows.output_tokens)
+        .bind(&rows.created_at)
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// SQLite: [`Messages::write`].
+async fn sqlite_insert_many(
     tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
     ms: &[Message],
 ) -> Result<(), DbError> {
@@ -288,7 +373,7 @@ pub(crate) async fn sqlite_insert_many(
 }
 
 /// Deletes the questions of jobs that were refused in the transaction that stored them.
-pub(crate) async fn delete_questions(tx: &mut Tx, job_ids: &[&str]) -> Result<(), DbError> {
+async fn delete_questions(tx: &mut Tx, job_ids: &[&str]) -> Result<(), DbError> {
     if job_ids.is_empty() {
         return Ok(());
     }
@@ -304,24 +389,23 @@ pub(crate) async fn delete_questions(tx: &mut Tx, job_ids: &[&str]) -> Result<()
     Ok(())
 }
 
-/// Postgres: messages as column arrays, so a statement that writes other rows inserts them
-/// too ([`pg_insert_messages`], bound with [`bind_messages!`]).
+/// Postgres: messages as column arrays.
 #[derive(Debug, Default)]
-pub(crate) struct PgMessageRows {
-    pub ids: Vec<String>,
-    pub conversation_ids: Vec<String>,
-    pub roles: Vec<String>,
-    pub contents: Vec<String>,
-    pub job_ids: Vec<Option<String>>,
-    pub models: Vec<Option<String>>,
-    pub providers: Vec<Option<String>>,
-    pub input_tokens: Vec<Option<i64>>,
-    pub output_tokens: Vec<Option<i64>>,
-    pub created_at: Vec<i64>,
+struct PgMessageRows {
+    ids: Vec<String>,
+    conversation_ids: Vec<String>,
+    roles: Vec<String>,
+    contents: Vec<String>,
+    job_ids: Vec<Option<String>>,
+    models: Vec<Option<String>>,
+    providers: Vec<Option<String>>,
+    input_tokens: Vec<Option<i64>>,
+    output_tokens: Vec<Option<i64>>,
+    created_at: Vec<i64>,
 }
 
 impl PgMessageRows {
-    pub(crate) fn of<'a>(ms: impl IntoIterator<Item = &'a Message>) -> Self {
+    fn of<'a>(ms: impl IntoIterator<Item = &'a Message>) -> Self {
         let mut rows = PgMessageRows::default();
         for m in ms {
             rows.ids.push(m.id.clone());
@@ -337,42 +421,6 @@ impl PgMessageRows {
         }
         rows
     }
-}
-
-/// Binds a [`PgMessageRows`] in the order [`pg_insert_messages`] expects.
-macro_rules! bind_messages {
-    ($q:expr, $rows:expr) => {
-        $q.bind(&$rows.ids)
-            .bind(&$rows.conversation_ids)
-            .bind(&$rows.roles)
-            .bind(&$rows.contents)
-            .bind(&$rows.job_ids)
-            .bind(&$rows.models)
-            .bind(&$rows.providers)
-            .bind(&$rows.input_tokens)
-            .bind(&$rows.output_tokens)
-            .bind(&$rows.created_at)
-    };
-}
-pub(crate) use bind_messages;
-
-/// Writable CTEs `m` and `mc` for a statement's `WITH` list: insert the messages bound from
-/// `$first` on (see [`bind_messages!`]) whose row `x` satisfies `keep`, keeping any already
-/// stored, and set their conversations' `updated_at` to `now` (a parameter). The
-/// conversations are locked in id order: two batches that touch the same ones never
-/// deadlock (an `UPDATE ... WHERE id IN (...)` locks them in whatever order it meets them).
-pub(crate) fn pg_insert_messages(first: usize, now: &str, keep: &str) -> String {
-    let p: Vec<String> = (first..first + 10).map(|i| format!("${i}")).collect();
-    format!(
-        "m AS (INSERT INTO ai_messages ({MESSAGE_COLUMNS}) SELECT x.* FROM UNNEST({}::text[], \
-         {}::text[], {}::text[], {}::text[], {}::text[], {}::text[], {}::text[], {}::bigint[], \
-         {}::bigint[], {}::bigint[]) AS x ({MESSAGE_COLUMNS}) WHERE {keep} \
-         ON CONFLICT (id) DO NOTHING RETURNING conversation_id), \
-         mc AS (UPDATE ai_conversations SET updated_at = {now} FROM (SELECT id FROM \
-         ai_conversations WHERE id = ANY(ARRAY(SELECT conversation_id FROM m)) ORDER BY id \
-         FOR NO KEY UPDATE) AS l WHERE ai_conversations.id = l.id)",
-        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9]
-    )
 }
 
 /// The conversation as a model sees it when answering each job's question (the message

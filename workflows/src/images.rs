@@ -1,9 +1,29 @@
 //! Generated images: rows here, bytes in the image folder. An image's id derives from the job
 //! that made it and its position, so a rerun of the job rewrites the same files and rows.
 
+use crate::kinds::{Input, Kind, PriceRule};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::{Db, DbError, now_ms, rfc3339, with_pool};
+
+/// `image`: generates images (made by `POST /v1/images`, which holds the estimate).
+pub static KIND: Kind = Kind::new::<ImageInput>("image", "ai")
+    .made_by("POST /v1/images/generate")
+    .priced(PriceRule::Usage);
+
+/// An image job's input.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageInput {
+    pub prompt: String,
+    pub model: String,
+    pub size: String,
+    pub n: u32,
+    /// The owner, whose folder the images are filed under.
+    pub user_id: String,
+}
+impl Input for ImageInput {}
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Image {

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use crate::{
     Db, DbError,
+    effects::{Effects, Rows},
     ledger::{self, LedgerError, Op, RESERVATION_COLUMNS},
     now_ms,
     queue::{self, Enqueue},
@@ -143,8 +144,11 @@ impl Job {
 }
 
 /// A submission, already validated.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct NewJob {
+    /// The job's id, when the caller chose it (a follow-up's derives from its cause); a new
+    /// UUIDv7 otherwise.
+    pub id: Option<String>,
     pub user_id: String,
     pub kind: String,
     pub queue: &'static str,
@@ -157,9 +161,50 @@ pub struct NewJob {
     pub request_hash: String,
     /// Credits reserved at submission and settled on success (0: free).
     pub price: i64,
-    /// The chat question the job answers, stored with the job (in the same statement, on
-    /// Postgres) and only if the job is kept.
-    pub asked: Option<crate::chat::Asked>,
+    /// Rows of a capability's tables written with the job, only if the job is kept (a chat
+    /// question): see [`crate::effects`].
+    pub rows: Vec<Rows>,
+}
+
+impl NewJob {
+    /// A job of `kind` for `user_id`, on the kind's queue, at priority 0, due now, free, with
+    /// one attempt and no idempotency key; set what differs.
+    pub fn new(user_id: &str, kind: &'static crate::kinds::Kind, input: Value) -> NewJob {
+        NewJob {
+            id: None,
+            user_id: user_id.to_owned(),
+            kind: kind.name.to_owned(),
+            queue: kind.queue,
+            request_hash: String::new(),
+            input,
+            priority: 0,
+            run_at_ms: None,
+            max_attempts: 1,
+            idempotency_key: None,
+            price: 0,
+            rows: Vec::new(),
+        }
+    }
+}
+
+/// The id of the job that `cause` (a job id) enqueues as its follow-up `name`: the same for
+/// every delivery of the cause's outcome, so it is enqueued once. A UUID (version 8) that
+/// starts with the cause's UUIDv7 timestamp, so it sorts near its cause.
+pub fn derived_id(cause: &str, name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(cause.as_bytes())
+        .chain_update([0u8])
+        .chain_update(name.as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    if let Ok(parent) = uuid::Uuid::parse_str(cause) {
+        bytes[..6].copy_from_slice(&parent.as_bytes()[..6]);
+    }
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,9 +274,14 @@ pub async fn submit_many(
 /// with the jobs or not at all.
 pub async fn submit_in(
     tx: &mut crate::db::Tx,
-    jobs: Vec<NewJob>,
+    mut jobs: Vec<NewJob>,
 ) -> Result<Vec<Result<(Job, bool), JobError>>, DbError> {
     let now = now_ms();
+    // The rows each job stages, written only for the jobs inserted.
+    let mut staged: Vec<Vec<Rows>> = jobs
+        .iter_mut()
+        .map(|j| std::mem::take(&mut j.rows))
+        .collect();
     let mut out = Vec::with_capacity(jobs.len());
     let mut fresh: Vec<(usize, &'static str)> = Vec::new();
     // Postgres: the task written with each job, by job id.
@@ -240,7 +290,10 @@ pub async fn submit_in(
         let rows: Vec<Job> = chunk
             .iter()
             .map(|new| {
-                let id = uuid::Uuid::now_v7().to_string();
+                let id = new
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
                 Job {
                     reservation_id: (new.price > 0).then(|| format!("job:{id}")),
                     id,
@@ -277,12 +330,6 @@ pub async fn submit_in(
                     .map(|(j, new)| j.enqueue(new.queue))
                     .collect();
                 let t = queue::PgTaskRows::of(&enqueues)?;
-                let questions: Vec<crate::chat::Message> = rows
-                    .iter()
-                    .zip(chunk)
-                    .filter_map(|(j, new)| new.asked.as_ref().map(|a| a.message(j)))
-                    .collect();
-                let m = crate::chat::PgMessageRows::of(&questions);
                 let sql = format!(
                     "WITH j AS (INSERT INTO tally_jobs (id, user_id, kind, queue, input, priority, \
                      status, attempts, max_attempts, idempotency_key, request_hash, run_at, \
@@ -293,14 +340,13 @@ pub async fn submit_in(
                      $8::int[], $9::text[], $10::text[], $11::bigint[], $12::text[]) AS v (id, \
                      user_id, kind, queue, input, priority, max_attempts, idempotency_key, \
                      request_hash, run_at, reservation_id) \
-                     ON CONFLICT DO NOTHING RETURNING id), t AS ({}), {} SELECT id FROM j",
+                     ON CONFLICT DO NOTHING RETURNING id), t AS ({}) SELECT id FROM j",
                     queue::pg_insert_tasks(13),
-                    crate::chat::pg_insert_messages(19, "$1", "x.job_id IN (SELECT id FROM j)")
                 );
                 let col = |f: fn(&Job) -> &str| rows.iter().map(f).collect::<Vec<&str>>();
                 let opt = |f: fn(&Job) -> Option<&str>| rows.iter().map(f).collect::<Vec<_>>();
                 let int = |f: fn(&Job) -> i32| rows.iter().map(f).collect::<Vec<i32>>();
-                let q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                let ids: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
                     .bind(now)
                     .bind(col(|j| &j.id))
                     .bind(col(|j| &j.user_id))
@@ -318,8 +364,7 @@ pub async fn submit_in(
                     .bind(&t.queues)
                     .bind(&t.payloads)
                     .bind(&t.run_at_secs)
-                    .bind(&t.priorities);
-                let ids: Vec<String> = crate::chat::bind_messages!(q, m)
+                    .bind(&t.priorities)
                     .fetch_all(&mut **conn)
                     .await?;
                 task_ids.extend(t.job_ids.into_iter().zip(t.ids));
@@ -348,15 +393,7 @@ pub async fn submit_in(
                         .push_bind(&j.reservation_id);
                 });
                 qb.push(" ON CONFLICT DO NOTHING RETURNING id");
-                let inserted: Vec<String> = qb.build_query_scalar().fetch_all(&mut **conn).await?;
-                let questions: Vec<crate::chat::Message> = rows
-                    .iter()
-                    .zip(chunk)
-                    .filter(|(j, _)| inserted.contains(&j.id))
-                    .filter_map(|(j, new)| new.asked.as_ref().map(|a| a.message(j)))
-                    .collect();
-                crate::chat::sqlite_insert_many(conn, &questions).await?;
-                inserted
+                qb.build_query_scalar().fetch_all(&mut **conn).await?
             }
         };
         for (row, new) in rows.into_iter().zip(chunk) {
@@ -365,13 +402,15 @@ pub async fn submit_in(
                 out.push(Ok((row, true)));
                 continue;
             }
-            // Only the idempotency key can collide: answer with the first job, if it matches.
+            // The idempotency key or a chosen id (a follow-up's) collided: answer with the
+            // first job, if it is the same request.
             let key = row.idempotency_key.clone().unwrap_or_default();
             let sql = format!(
-                "SELECT {COLUMNS} FROM tally_jobs WHERE user_id = $1 AND idempotency_key = $2"
+                "SELECT {COLUMNS} FROM tally_jobs WHERE id = $3 \
+                 UNION ALL SELECT {COLUMNS} FROM tally_jobs WHERE user_id = $1 AND idempotency_key = $2"
             );
             let first: Option<Job> = with_tx!(&mut *tx, conn => {
-                sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(&row.user_id).bind(&key).fetch_optional(&mut *conn).await?
+                sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(&row.user_id).bind(&key).bind(&row.id).fetch_optional(&mut *conn).await?
             });
             let first = first.ok_or_else(|| {
                 DbError::Corrupt(format!(
@@ -384,6 +423,15 @@ pub async fn submit_in(
                 out.push(Err(JobError::IdempotencyConflict(first.id)));
             }
         }
+    }
+    // The rows the new jobs stage, before the ledger locks accounts (the global lock order).
+    let written = Rows::grouped(
+        fresh
+            .iter()
+            .flat_map(|(i, _)| std::mem::take(&mut staged[*i])),
+    );
+    for rows in &written {
+        rows.write(tx).await?;
     }
     // Each new job that costs credits holds them now; one its owner cannot cover is not kept.
     let mut holds = Vec::new();
@@ -436,7 +484,9 @@ pub async fn submit_in(
             qb.build().execute(&mut *conn).await?;
         });
         let ids: Vec<&str> = refused.iter().map(|(id, _)| id.as_str()).collect();
-        crate::chat::delete_questions(tx, &ids).await?;
+        for rows in &written {
+            rows.forget(tx, &ids).await?;
+        }
         // On Postgres their queue tasks were written with them: they go too.
         let tasks: Vec<&str> = refused
             .iter()
@@ -679,6 +729,7 @@ fn enqueue_of(id: &str, kind: &str, priority: i32, run_at_ms: i64) -> Result<Enq
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Claimed {
     pub id: String,
+    pub user_id: String,
     pub kind: String,
     pub input: String,
     pub attempts: i32,
@@ -694,7 +745,8 @@ pub async fn claim_many(
     ids: &[String],
 ) -> Result<Vec<Option<Claimed>>, DbError> {
     let now = now_ms();
-    const RETURNING: &str = " RETURNING tally_jobs.id, kind, input, attempts, max_attempts";
+    const RETURNING: &str =
+        " RETURNING tally_jobs.id, user_id, kind, input, attempts, max_attempts";
     let claimed: Vec<Claimed> = match db {
         // One prepared statement whatever the batch size; the join on the array of ids keeps
         // the plan on the primary key (a generic plan for `id = ANY($3)` may not).
@@ -810,7 +862,7 @@ pub enum Outcome {
 }
 
 /// What an attempt's outcome does to its job.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Finish {
     pub id: String,
     pub status: Status,
@@ -820,10 +872,13 @@ pub struct Finish {
     pub retry_at: Option<i64>,
     /// For `succeeded`: the credits the attempt used, when they differ from the reservation.
     pub charge: Option<i64>,
-    /// For `succeeded`: what the attempt produced for a conversation (a model's reply). It is
-    /// written in the transaction that stores the outcome and settles the job's credits, and
-    /// only if that outcome is applied: a reply exists exactly when it was paid for.
-    pub messages: Vec<crate::chat::Message>,
+    /// What the job's success also writes (a model's reply, follow-up jobs, ledger
+    /// operations): applied in the transaction that stores the outcome and settles the job's
+    /// credits, and only if the job is then `succeeded`: a reply exists exactly when it was
+    /// paid for.
+    pub on_success: Effects,
+    /// The same, applied only if the job is then `dead` (a saga step's compensation).
+    pub on_dead: Effects,
 }
 
 /// Decides the job's next state: a failure with attempts left becomes `failed` with the time
@@ -862,12 +917,13 @@ pub fn plan(
         error,
         retry_at,
         charge,
-        messages: Vec::new(),
+        on_success: Effects::default(),
+        on_dead: Effects::default(),
     }
 }
 
 /// One handled queue task: its id, and the outcome of the attempt it ran, if it ran one.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Completion {
     pub task_id: String,
     pub finish: Option<Finish>,
@@ -925,10 +981,22 @@ pub async fn finish_many(
     db: &Db,
     worker: &str,
     holders: &[String],
-    items: &[Completion],
+    mut items: Vec<Completion>,
     settle_pause: std::time::Duration,
 ) -> Result<Vec<Option<Status>>, DbError> {
     let now = now_ms();
+    // Each outcome's effects, by job id, applied below if the outcome is.
+    let mut effects: std::collections::HashMap<String, (Effects, Effects)> = items
+        .iter_mut()
+        .filter_map(|c| c.finish.as_mut())
+        .map(|f| {
+            let on = (
+                std::mem::take(&mut f.on_success),
+                std::mem::take(&mut f.on_dead),
+            );
+            (f.id.clone(), on)
+        })
+        .collect();
     let finishes: Vec<&Finish> = items.iter().filter_map(|c| c.finish.as_ref()).collect();
     let mut tx = db.begin().await?;
     // A failure of a job whose cancel was asked for ends it: no retry. `v` holds each outcome;
@@ -966,15 +1034,15 @@ pub async fn finish_many(
                 .map(|c| c.task_id.as_str())
                 .collect();
             // One prepared statement whatever the batch size: the outcomes travel as arrays.
-            // It also completes the tasks (`d`), stores the replies of the jobs that succeeded
-            // (`m`, `mc`) and locks their reservations for the settlement that follows (`r`).
+            // It also completes the tasks (`d`) and locks the reservations of the jobs that
+            // succeeded for the settlement that follows (`r`).
             // Rows of other tables are picked by `= ANY(ARRAY(...))`, read once: an
             // `IN (SELECT ...)` lets a generic plan scan the table and probe per row.
             let sql = format!(
                 "WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at, vtask) AS (SELECT * FROM \
                  UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], \
                  $9::text[])), u AS ({}, v.vtask), \
-                 d AS ({}), {}, \
+                 d AS ({}), \
                  r AS (SELECT {RESERVATION_COLUMNS} FROM ledger_reservations WHERE id = ANY(ARRAY(\
                  SELECT reservation_id FROM u WHERE status = 'succeeded')) ORDER BY id FOR UPDATE) \
                  SELECT u.id, u.kind, u.priority, u.run_at, u.status, u.reservation_id, \
@@ -987,15 +1055,8 @@ pub async fn finish_many(
                     "$10",
                     "SELECT vtask FROM u UNION ALL SELECT * FROM UNNEST($11::text[])"
                 ),
-                crate::chat::pg_insert_messages(
-                    12,
-                    "$1",
-                    "x.job_id IN (SELECT id FROM u WHERE status = 'succeeded')"
-                )
             );
-            let messages =
-                crate::chat::PgMessageRows::of(finishes.iter().flat_map(|f| &f.messages));
-            let q = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(now)
                 .bind(worker)
                 .bind(finishes.iter().map(|f| f.id.as_str()).collect::<Vec<_>>())
@@ -1026,8 +1087,7 @@ pub async fn finish_many(
                         .collect::<Vec<_>>(),
                 )
                 .bind(holders)
-                .bind(&bare);
-            crate::chat::bind_messages!(q, messages)
+                .bind(&bare)
                 .fetch_all(&mut **tx)
                 .await?
         }
@@ -1064,6 +1124,11 @@ pub async fn finish_many(
     let mut pushes = Vec::new();
     let mut applied = std::collections::HashMap::new();
     let mut money = Vec::new();
+    // The effects of the outcomes applied: rows, follow-up jobs (with their derived ids) and
+    // ledger operations.
+    let mut rows = Vec::new();
+    let mut follow_ups = Vec::new();
+    let mut effect_ops = Vec::new();
     let mut ended = Vec::new();
     let charges: std::collections::HashMap<&str, Option<i64>> =
         finishes.iter().map(|f| (f.id.as_str(), f.charge)).collect();
@@ -1102,6 +1167,24 @@ pub async fn finish_many(
         if matches!(status, Status::Dead | Status::Cancelled) {
             ended.push(id.clone());
         }
+        let chosen = match (status, effects.remove(&id)) {
+            (Status::Succeeded, Some((on_success, _))) => Some(on_success),
+            (Status::Dead, Some((_, on_dead))) => Some(on_dead),
+            _ => None,
+        };
+        if let Some(e) = chosen {
+            rows.extend(e.rows);
+            effect_ops.extend(e.ledger);
+            follow_ups.extend(e.jobs.into_iter().map(|f| {
+                let fid = derived_id(&id, &f.name);
+                NewJob {
+                    request_hash: fid.clone(),
+                    id: Some(fid),
+                    price: 0,
+                    ..f.job
+                }
+            }));
+        }
         applied.insert(id, status);
     }
 
@@ -1113,16 +1196,9 @@ pub async fn finish_many(
             owner: None,
         });
     }
-    // SQLite: what the Postgres statement also did. The replies of the jobs that succeeded go
-    // before the ledger, as there (conversations before accounts); a task is done when its
-    // attempt's outcome was stored (or it ran no attempt).
+    // SQLite: what the Postgres statement also did: a task is done when its attempt's outcome
+    // was stored (or it ran no attempt).
     if let crate::db::Tx::Sqlite(conn) = &mut tx {
-        let messages: Vec<crate::chat::Message> = finishes
-            .iter()
-            .filter(|f| applied.get(&f.id) == Some(&Status::Succeeded))
-            .flat_map(|f| f.messages.iter().cloned())
-            .collect();
-        crate::chat::sqlite_insert_many(conn, &messages).await?;
         let task_ids: Vec<String> = items
             .iter()
             .filter(|c| {
@@ -1134,9 +1210,28 @@ pub async fn finish_many(
             .collect();
         queue::sqlite_complete(conn, &task_ids, holders).await?;
     }
-    for answer in ledger::execute_locked(&mut tx, &money, now, locked).await? {
+    // The outcomes' rows, then their follow-up jobs, before the ledger locks accounts.
+    for group in Rows::grouped(rows) {
+        group.write(&mut tx).await?;
+    }
+    if !follow_ups.is_empty() {
+        for answer in submit_in(&mut tx, follow_ups).await? {
+            if let Err(e) = answer {
+                // Only an idempotency conflict can refuse a free job.
+                tracing::error!(error = %e, "a follow-up job was not enqueued");
+            }
+        }
+    }
+    let settlements = money.len();
+    money.extend(effect_ops);
+    let answers = ledger::execute_locked(&mut tx, &money, now, locked).await?;
+    for (i, answer) in answers.into_iter().enumerate() {
         if let Err(e) = answer {
-            tracing::error!(error = %e, "a job ended but its credits could not be settled or released");
+            if i < settlements {
+                tracing::error!(error = %e, "a job ended but its credits could not be settled or released");
+            } else {
+                tracing::error!(error = %e, "a ledger operation an outcome staged was refused");
+            }
         }
     }
     queue::push(&mut tx, &pushes).await?;

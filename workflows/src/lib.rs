@@ -23,6 +23,7 @@ pub mod batch;
 pub mod chat;
 pub mod config;
 pub mod db;
+pub mod effects;
 pub mod images;
 pub mod jobs;
 pub mod kinds;

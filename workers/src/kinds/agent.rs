@@ -3,20 +3,40 @@
 //! and is stored with the settlement of its actual usage; a resumed task skips stored steps.
 //! A cancel is honoured between steps.
 
-use serde_json::{Value, json};
-use tally_workflows::agents::{self, Step, Task};
+use serde_json::json;
+use tally_workflows::{
+    agents::{self, AgentInput, Step, Task},
+    kinds::Kind,
+};
 
+use super::{Prefetched, Ran, Runner};
 use crate::{
     ai::{AiError, ChatMessage, ChatRequest, Services, tokens},
     context::{JobContext, JobFailure},
 };
 
-pub async fn run(
-    input: Value,
-    ctx: &mut JobContext,
-    ai: &Services,
-) -> Result<(Value, Option<i64>), JobFailure> {
-    let max_tokens = super::u32_field(&input, "max_tokens").unwrap_or(256);
+pub struct Agent;
+
+impl Runner for Agent {
+    type Input = AgentInput;
+
+    fn kind(&self) -> &'static Kind {
+        &agents::KIND
+    }
+
+    async fn run(
+        &self,
+        input: AgentInput,
+        ctx: &mut JobContext,
+        ai: &Services,
+        _: Prefetched,
+    ) -> Result<Ran, JobFailure> {
+        work(input, ctx, ai).await
+    }
+}
+
+async fn work(input: AgentInput, ctx: &mut JobContext, ai: &Services) -> Result<Ran, JobFailure> {
+    let max_tokens = input.max_tokens.unwrap_or(256);
     let task = agents::get(ctx.db(), ctx.job_id())
         .await?
         .ok_or_else(|| JobFailure::Fatal("the agent task is missing".to_owned()))?;
@@ -87,9 +107,8 @@ pub async fn run(
     let credits: i64 = done.iter().map(|s| s.credits).sum();
     let summary = done.last().map(|s| s.output.clone()).unwrap_or_default();
     // Each step settled its own credits: the job itself holds none.
-    Ok((
+    Ok(Ran::plain(
         json!({ "steps": done.len(), "summary": summary, "credits": credits }),
-        None,
     ))
 }
 

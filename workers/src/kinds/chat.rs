@@ -3,27 +3,61 @@
 //! cost (the reply's actual usage, priced by the catalog, at most what it reserved): a reply
 //! exists exactly when it was paid for.
 
-use serde_json::{Value, json};
-use tally_workflows::chat;
+use serde_json::json;
+use tally_workflows::{
+    DbError,
+    chat::{self, ChatInput, Messages},
+    kinds::Kind,
+};
 
+use super::{Prefetched, Ran, Runner};
 use crate::{
     ai::{ChatMessage, ChatRequest, Services},
     context::{JobContext, JobFailure},
 };
 
-pub async fn run(
-    input: Value,
+pub struct Chat;
+
+/// What a chat job reads first: its conversation up to its question.
+type History = Result<Option<Vec<chat::Message>>, DbError>;
+
+impl Runner for Chat {
+    type Input = ChatInput;
+
+    fn kind(&self) -> &'static Kind {
+        &chat::KIND
+    }
+
+    async fn prefetch(&self, job_id: &str, ai: &Services) -> Prefetched {
+        let histories = ai.histories.as_ref()?;
+        let history: History = histories.call(job_id.to_owned()).await;
+        Some(Box::new(history))
+    }
+
+    async fn run(
+        &self,
+        input: ChatInput,
+        ctx: &mut JobContext,
+        ai: &Services,
+        prefetched: Prefetched,
+    ) -> Result<Ran, JobFailure> {
+        answer(input, ctx, ai, prefetched).await
+    }
+}
+
+async fn answer(
+    input: ChatInput,
     ctx: &mut JobContext,
     ai: &Services,
-    prefetched: super::Prefetched,
-) -> Result<(Value, Option<i64>), JobFailure> {
-    let conversation = super::text_field(&input, "chat", "conversation_id")?;
-    let model_id = super::text_field(&input, "chat", "model")?;
-    let max_tokens = super::u32_field(&input, "max_tokens");
-    let temperature = input
-        .get("temperature")
-        .and_then(Value::as_f64)
-        .map(|t| t as f32);
+    prefetched: Prefetched,
+) -> Result<Ran, JobFailure> {
+    let ChatInput {
+        conversation_id: conversation,
+        model: model_id,
+        max_tokens,
+        temperature,
+    } = input;
+    let max_tokens = Some(max_tokens);
     let model = ai.catalog.get(&model_id).ok_or_else(|| {
         JobFailure::Fatal(format!("model {model_id:?} is no longer in the catalog"))
     })?;
@@ -41,7 +75,7 @@ pub async fn run(
             u64::try_from(reply.output_tokens.unwrap_or(0)).unwrap_or(0),
         );
         let credits = model.chat_cost(i, o);
-        return Ok((
+        return Ok(Ran::charged(
             json!({
                 "conversation_id": conversation,
                 "message_id": reply.id,
@@ -49,12 +83,15 @@ pub async fn run(
                 "usage": { "input_tokens": i, "output_tokens": o },
                 "credits": credits,
             }),
-            Some(credits),
+            credits,
         ));
     }
     // Read while the job was claimed; read now if that was not done or failed.
-    let history = match (prefetched, &ai.histories) {
-        (super::Prefetched::History(Ok(history)), _) => history,
+    let read: Option<History> = prefetched
+        .and_then(|p| p.downcast::<History>().ok())
+        .map(|h| *h);
+    let history = match (read, &ai.histories) {
+        (Some(Ok(history)), _) => history,
         (_, Some(batch)) => batch.call(ctx.job_id().to_owned()).await?,
         (_, None) => chat::histories_for(ctx.db(), vec![ctx.job_id().to_owned()])
             .await?
@@ -93,15 +130,16 @@ pub async fn run(
         created_at: 0,
     };
     let stored = chat::reply_message(&conversation, ctx.job_id(), stored);
-    ctx.store_on_success(stored);
-    Ok((
+    let message_id = stored.id.clone();
+    ctx.on_success().row::<Messages>(stored);
+    Ok(Ran::charged(
         json!({
             "conversation_id": conversation,
-            "message_id": format!("{}:reply", ctx.job_id()),
+            "message_id": message_id,
             "provider": reply.provider,
             "usage": { "input_tokens": input_tokens, "output_tokens": output_tokens },
             "credits": credits,
         }),
-        Some(credits),
+        credits,
     ))
 }

@@ -1,20 +1,42 @@
 //! `fail {"times"}`: fails that many attempts, then succeeds. Exercises retries and `dead`.
 
-use serde_json::{Value, json};
+use serde_json::json;
+use tally_workflows::kinds::{FAIL, FailInput, Kind};
 
-use crate::context::{JobContext, JobFailure};
+use super::{Prefetched, Ran, Runner};
+use crate::{
+    ai::Services,
+    context::{JobContext, JobFailure},
+};
 
-pub async fn run(input: Value, ctx: &mut JobContext) -> Result<Value, JobFailure> {
-    let times = input
-        .get("times")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| JobFailure::Fatal("input.times must be a non-negative integer".into()))?;
-    ctx.checkpoint().await?;
-    if u64::from(ctx.attempt) <= times {
+pub struct Fail;
+
+impl Runner for Fail {
+    type Input = FailInput;
+
+    fn kind(&self) -> &'static Kind {
+        &FAIL
+    }
+
+    async fn run(
+        &self,
+        FailInput { times }: FailInput,
+        ctx: &mut JobContext,
+        _: &Services,
+        _: Prefetched,
+    ) -> Result<Ran, JobFailure> {
+        ctx.checkpoint().await?;
+        failing_attempt(ctx.attempt, times)?;
+        Ok(Ran::plain(json!({ "attempts": ctx.attempt })))
+    }
+}
+
+/// Fails attempt `attempt` if it is one of the first `times`.
+pub(super) fn failing_attempt(attempt: u32, times: u64) -> Result<(), JobFailure> {
+    if u64::from(attempt) <= times {
         return Err(JobFailure::Retryable(format!(
-            "failing on purpose: attempt {} of {times} planned failures",
-            ctx.attempt
+            "failing on purpose: attempt {attempt} of {times} planned failures"
         )));
     }
-    Ok(json!({ "attempts": ctx.attempt }))
+    Ok(())
 }

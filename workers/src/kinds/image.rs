@@ -2,28 +2,50 @@
 //! names and ids derive from the job, so a rerun rewrites the same files and adds no rows. The
 //! job's cost is the number of images actually made, at the model's price.
 
-use serde_json::{Value, json};
-use tally_workflows::images::{self, Image};
+use serde_json::json;
+use tally_workflows::{
+    images::{self, Image, ImageInput},
+    kinds::Kind,
+};
 
+use super::{Prefetched, Ran, Runner};
 use crate::{
     ai::{ImageRequest, Services},
     context::{JobContext, JobFailure},
 };
 
-pub async fn run(
-    input: Value,
+pub struct ImageKind;
+
+impl Runner for ImageKind {
+    type Input = ImageInput;
+
+    fn kind(&self) -> &'static Kind {
+        &images::KIND
+    }
+
+    async fn run(
+        &self,
+        input: ImageInput,
+        ctx: &mut JobContext,
+        ai: &Services,
+        _: Prefetched,
+    ) -> Result<Ran, JobFailure> {
+        generate(input, ctx, ai).await
+    }
+}
+
+async fn generate(
+    input: ImageInput,
     ctx: &mut JobContext,
     ai: &Services,
-) -> Result<(Value, Option<i64>), JobFailure> {
-    let field = |name: &str| super::text_field(&input, "image", name);
-    let (prompt, model_id, size, user_id) = (
-        field("prompt")?,
-        field("model")?,
-        field("size")?,
-        field("user_id")?,
-    );
-    let n = super::u32_field(&input, "n")
-        .ok_or_else(|| JobFailure::Fatal("image input has no n".to_owned()))?;
+) -> Result<Ran, JobFailure> {
+    let ImageInput {
+        prompt,
+        model: model_id,
+        size,
+        n,
+        user_id,
+    } = input;
     let model = ai.catalog.get(&model_id).ok_or_else(|| {
         JobFailure::Fatal(format!("model {model_id:?} is no longer in the catalog"))
     })?;
@@ -32,13 +54,13 @@ pub async fn run(
     let stored = images::of_job(ctx.db(), ctx.job_id()).await?;
     if !stored.is_empty() {
         let credits = model.image_cost(u32::try_from(stored.len()).unwrap_or(u32::MAX));
-        return Ok((
+        return Ok(Ran::charged(
             json!({
                 "images": stored.iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
                 "provider": stored[0].provider,
                 "credits": credits,
             }),
-            Some(credits),
+            credits,
         ));
     }
     ctx.checkpoint().await?;
@@ -91,12 +113,12 @@ pub async fn run(
     }
     images::record(ctx.db(), &made).await?;
     let credits = model.image_cost(u32::try_from(made.len()).unwrap_or(u32::MAX));
-    Ok((
+    Ok(Ran::charged(
         json!({
             "images": made.iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
             "provider": reply.provider,
             "credits": credits,
         }),
-        Some(credits),
+        credits,
     ))
 }

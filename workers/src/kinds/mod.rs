@@ -1,74 +1,156 @@
-//! One file per job kind. A kind takes its input and a [`JobContext`] and returns its result.
+//! One file per job kind, each a [`Runner`] of a kind that `tally_workflows::kinds` describes.
+//! [`RUNNERS`] lists them; the pool finds a job's runner by its kind's name and knows nothing
+//! else about any kind.
 
 mod agent;
+mod chain;
 mod chat;
 mod echo;
 mod fail;
 mod image;
 mod sleep;
 
+use std::any::Any;
+
+use futures::future::BoxFuture;
 use serde_json::Value;
+use tally_workflows::kinds::{self, Input, Kind};
 
 use crate::{
     ai::{AiError, Services},
     context::{JobContext, JobFailure},
 };
 
-/// What a kind reads first, read while its job is being claimed: it needs only the job's id.
-pub enum Prefetched {
-    Nothing,
-    /// A chat job's conversation up to its question.
-    History(Result<Option<Vec<tally_workflows::chat::Message>>, tally_workflows::DbError>),
+/// What a kind read while its job was being claimed (see [`Runner::prefetch`]); each kind
+/// knows its own type.
+pub type Prefetched = Option<Box<dyn Any + Send>>;
+
+/// A successful attempt: its result, and the credits it used when that is not simply its
+/// reservation (AI jobs pay for their actual usage).
+#[derive(Debug)]
+pub struct Ran {
+    pub result: Value,
+    pub credits: Option<i64>,
 }
 
-/// Reads what `kind` will read first (see [`Prefetched`]).
-pub async fn prefetch(kind: Option<&str>, job_id: &str, ai: &Services) -> Prefetched {
-    match (kind, &ai.histories) {
-        (Some("chat"), Some(histories)) => {
-            Prefetched::History(histories.call(job_id.to_owned()).await)
+impl Ran {
+    /// A result that settles the job's reservation as it is.
+    pub fn plain(result: Value) -> Ran {
+        Ran {
+            result,
+            credits: None,
         }
-        _ => Prefetched::Nothing,
+    }
+
+    /// A result that used `credits`.
+    pub fn charged(result: Value, credits: i64) -> Ran {
+        Ran {
+            result,
+            credits: Some(credits),
+        }
     }
 }
 
-/// Runs one attempt of `kind`: its result, and the credits it used when that is not simply its
-/// reservation (AI jobs pay for their actual usage).
+/// How a worker runs one kind.
+pub trait Runner: Send + Sync + 'static {
+    /// The kind's typed input (checked at submission, parsed again here).
+    type Input: Input + Send;
+
+    /// The kind this runs.
+    fn kind(&self) -> &'static Kind;
+
+    /// Reads what the kind will read first, while its job is being claimed: it has only the
+    /// job's id. Dropped if the claim refuses the job.
+    fn prefetch(&self, job_id: &str, ai: &Services) -> impl Future<Output = Prefetched> + Send {
+        let _ = (job_id, ai);
+        std::future::ready(None)
+    }
+
+    /// Runs one attempt. What its success (or its job's death) must also write, it stages on
+    /// `ctx` (see [`JobContext::on_success`]).
+    fn run(
+        &self,
+        input: Self::Input,
+        ctx: &mut JobContext,
+        ai: &Services,
+        prefetched: Prefetched,
+    ) -> impl Future<Output = Result<Ran, JobFailure>> + Send;
+}
+
+/// A [`Runner`] of any input type, as the registry holds it.
+pub trait AnyRunner: Send + Sync {
+    fn kind(&self) -> &'static Kind;
+    fn prefetch<'a>(&'a self, job_id: &'a str, ai: &'a Services) -> BoxFuture<'a, Prefetched>;
+    fn run<'a>(
+        &'a self,
+        input: Value,
+        ctx: &'a mut JobContext,
+        ai: &'a Services,
+        prefetched: Prefetched,
+    ) -> BoxFuture<'a, Result<Ran, JobFailure>>;
+}
+
+impl<R: Runner> AnyRunner for R {
+    fn kind(&self) -> &'static Kind {
+        Runner::kind(self)
+    }
+    fn prefetch<'a>(&'a self, job_id: &'a str, ai: &'a Services) -> BoxFuture<'a, Prefetched> {
+        Box::pin(Runner::prefetch(self, job_id, ai))
+    }
+    fn run<'a>(
+        &'a self,
+        input: Value,
+        ctx: &'a mut JobContext,
+        ai: &'a Services,
+        prefetched: Prefetched,
+    ) -> BoxFuture<'a, Result<Ran, JobFailure>> {
+        Box::pin(async move {
+            // Checked at submission: a failure here means the job can never run (the kind's
+            // input changed since).
+            let input = kinds::parse::<R::Input>(&input).map_err(JobFailure::Fatal)?;
+            Runner::run(self, input, ctx, ai, prefetched).await
+        })
+    }
+}
+
+/// Every kind this worker runs.
+pub static RUNNERS: &[&dyn AnyRunner] = &[
+    &echo::Echo,
+    &sleep::Sleep,
+    &fail::Fail,
+    &chain::Chain,
+    &chat::Chat,
+    &image::ImageKind,
+    &agent::Agent,
+];
+
+/// The runner of `kind`.
+pub fn runner(kind: &str) -> Option<&'static dyn AnyRunner> {
+    RUNNERS.iter().copied().find(|r| r.kind().name == kind)
+}
+
+/// Reads what `kind` will read first (see [`Runner::prefetch`]).
+pub async fn prefetch(kind: Option<&str>, job_id: &str, ai: &Services) -> Prefetched {
+    match kind.and_then(runner) {
+        Some(r) => r.prefetch(job_id, ai).await,
+        None => None,
+    }
+}
+
+/// Runs one attempt of `kind`.
 pub async fn run(
     kind: &str,
     input: Value,
     ctx: &mut JobContext,
     ai: &Services,
     prefetched: Prefetched,
-) -> Result<(Value, Option<i64>), JobFailure> {
-    let plain = |r: Result<Value, JobFailure>| r.map(|v| (v, None));
-    match kind {
-        "echo" => plain(echo::run(input).await),
-        "sleep" => plain(sleep::run(input, ctx).await),
-        "fail" => plain(fail::run(input, ctx).await),
-        "chat" => chat::run(input, ctx, ai, prefetched).await,
-        "image" => image::run(input, ctx, ai).await,
-        "agent" => agent::run(input, ctx, ai).await,
-        other => Err(JobFailure::Fatal(format!(
-            "this worker does not know job kind {other:?}"
+) -> Result<Ran, JobFailure> {
+    match runner(kind) {
+        Some(r) => r.run(input, ctx, ai, prefetched).await,
+        None => Err(JobFailure::Fatal(format!(
+            "this worker does not know job kind {kind:?}"
         ))),
     }
-}
-
-/// A text field of a kind's stored input; its absence means the job can never run.
-fn text_field(input: &Value, kind: &str, name: &str) -> Result<String, JobFailure> {
-    input
-        .get(name)
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| JobFailure::Fatal(format!("{kind} input has no {name}")))
-}
-
-/// A whole-number field of a kind's stored input that fits a `u32`, if there is one.
-fn u32_field(input: &Value, name: &str) -> Option<u32> {
-    input
-        .get(name)
-        .and_then(Value::as_u64)
-        .and_then(|n| u32::try_from(n).ok())
 }
 
 /// How a provider's failure ends the attempt: retried when another try may work, dead
@@ -77,5 +159,22 @@ fn provider_failure(e: AiError) -> JobFailure {
     match e {
         AiError::Retryable(m) => JobFailure::Retryable(m),
         other => JobFailure::Fatal(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_exactly_one_runner() {
+        for kind in kinds::REGISTRY {
+            let n = RUNNERS
+                .iter()
+                .filter(|r| r.kind().name == kind.name)
+                .count();
+            assert_eq!(n, 1, "kind {} has {n} runners", kind.name);
+        }
+        assert_eq!(RUNNERS.len(), kinds::REGISTRY.len());
     }
 }

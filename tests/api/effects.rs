@@ -1,0 +1,216 @@
+//! Effects of an outcome: follow-up jobs commit with the outcome they belong to, under ids
+//! derived from the job, and never twice (retries, a second delivery of the task, a replayed
+//! submission of the same derived id).
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tally_workflows::{
+    jobs::{self, NewJob, derived_id},
+    kinds, queue,
+};
+
+use crate::{
+    both_backends,
+    helpers::{Backend, TestApp, assert_problem},
+};
+
+both_backends!(
+    follow_ups_commit_with_success_once_across_retries,
+    follow_ups_of_death_commit_only_with_death,
+    a_second_delivery_enqueues_no_follow_up_again,
+    a_derived_id_is_submitted_once,
+    bad_follow_ups_are_refused_at_submission,
+);
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Every job of the test user, by kind.
+async fn jobs_of_kind(app: &TestApp, kind: &str) -> Vec<Value> {
+    let resp = app
+        .get(&app.user_key, &format!("/v1/jobs?kind={kind}&limit=200"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: Value = resp.json().await.expect("json");
+    v["jobs"].as_array().expect("jobs").clone()
+}
+
+async fn follow_ups_commit_with_success_once_across_retries(backend: Backend) {
+    let opts = crate::helpers::Options {
+        overrides: vec![
+            ("jobs.retry_base_ms", json!(1)),
+            ("jobs.retry_max_ms", json!(5)),
+        ],
+        ..Default::default()
+    };
+    let Some(app) = TestApp::spawn_with(backend, opts).await else {
+        return;
+    };
+    let id = app
+        .submit(json!({
+            "kind": "chain",
+            "max_attempts": 3,
+            "input": {
+                "fail_times": 2,
+                "then": [{"kind": "echo", "input": {"n": 1}}, {"kind": "echo", "input": {"n": 2}}],
+                "if_dead": [{"kind": "sleep", "input": {"ms": 0}}],
+            },
+        }))
+        .await;
+    let job = app.wait_for(&id, &["succeeded", "dead"], WAIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 3, "{job}");
+    // Each failed attempt staged the follow-ups too; only the success committed them.
+    let mut echoes = jobs_of_kind(&app, "echo").await;
+    assert_eq!(echoes.len(), 2, "{echoes:?}");
+    echoes.sort_by_key(|j| j["input"]["n"].as_i64());
+    for (i, echo) in echoes.iter().enumerate() {
+        assert_eq!(echo["id"], derived_id(&id, &format!("then/{i}")));
+        let done = app
+            .wait_for(echo["id"].as_str().expect("id"), &["succeeded"], WAIT)
+            .await;
+        assert_eq!(done["result"], json!({"n": i + 1}));
+    }
+    assert!(jobs_of_kind(&app, "sleep").await.is_empty());
+    app.stop().await;
+}
+
+async fn follow_ups_of_death_commit_only_with_death(backend: Backend) {
+    let opts = crate::helpers::Options {
+        overrides: vec![
+            ("jobs.retry_base_ms", json!(1)),
+            ("jobs.retry_max_ms", json!(5)),
+        ],
+        ..Default::default()
+    };
+    let Some(app) = TestApp::spawn_with(backend, opts).await else {
+        return;
+    };
+    let id = app
+        .submit(json!({
+            "kind": "chain",
+            "max_attempts": 2,
+            "input": {
+                "fail_times": 5,
+                "then": [{"kind": "echo", "input": "never"}],
+                "if_dead": [{"kind": "echo", "input": "compensate"}],
+            },
+        }))
+        .await;
+    let job = app.wait_for(&id, &["succeeded", "dead"], WAIT).await;
+    assert_eq!(job["status"], "dead", "{job}");
+    let echoes = jobs_of_kind(&app, "echo").await;
+    assert_eq!(echoes.len(), 1, "{echoes:?}");
+    assert_eq!(echoes[0]["id"], derived_id(&id, "if_dead/0"));
+    assert_eq!(echoes[0]["input"], "compensate");
+    app.stop().await;
+}
+
+/// The job's task delivered again after its outcome committed (as after a crash between the
+/// commit and anything that follows it): the claim refuses the finished job, so nothing runs
+/// and no follow-up is enqueued twice.
+async fn a_second_delivery_enqueues_no_follow_up_again(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
+    let id = app
+        .submit(json!({"kind": "chain", "input": {"then": [{"kind": "echo"}]}}))
+        .await;
+    app.wait_for(&id, &["succeeded"], WAIT).await;
+    let mut tx = app.db.begin().await.expect("begin");
+    queue::push(
+        &mut tx,
+        &[queue::Enqueue {
+            job_id: id.clone(),
+            kind: "chain".into(),
+            queue: "system",
+            priority: 0,
+            run_at_ms: 0,
+        }],
+    )
+    .await
+    .expect("push");
+    tx.commit().await.expect("commit");
+    // The redelivered task is taken and dropped.
+    let start = std::time::Instant::now();
+    while app.tasks_of(&id).await > 0 {
+        assert!(start.elapsed() < WAIT, "the task was not taken");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let job = app.job(&id).await;
+    assert_eq!(job["attempts"], 1, "{job}");
+    assert_eq!(jobs_of_kind(&app, "echo").await.len(), 1);
+    app.stop().await;
+}
+
+/// A job submitted twice under one derived id (an outcome applied twice would do that) is
+/// stored once: the second submission answers with the first job.
+async fn a_derived_id_is_submitted_once(backend: Backend) {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
+        return;
+    };
+    let cause = app.submit(json!({"kind": "echo", "input": 1})).await;
+    let user = app.job(&cause).await;
+    let user_id: String = tally_workflows::with_pool!(&app.db, pool => {
+        sqlx::query_scalar("SELECT user_id FROM tally_jobs WHERE id = $1")
+            .bind(&cause).fetch_one(pool).await.expect("owner")
+    });
+    assert_eq!(user["id"], cause);
+    let fid = derived_id(&cause, "next");
+    let make = || NewJob {
+        id: Some(fid.clone()),
+        request_hash: fid.clone(),
+        ..NewJob::new(&user_id, &kinds::ECHO, json!("follow-up"))
+    };
+    let first = jobs::submit_many(&app.db, vec![make()])
+        .await
+        .expect("submit");
+    let (job, created) = first.into_iter().next().expect("answer").expect("kept");
+    assert!(created);
+    assert_eq!(job.id, fid);
+    let again = jobs::submit_many(&app.db, vec![make(), make()])
+        .await
+        .expect("submit");
+    for answer in again {
+        let (job, created) = answer.expect("kept");
+        assert!(!created, "a derived id was stored twice");
+        assert_eq!(job.id, fid);
+    }
+    assert_eq!(jobs_of_kind(&app, "echo").await.len(), 2);
+    assert_eq!(app.tasks_of(&fid).await, 1, "one task for the derived job");
+    app.stop().await;
+}
+
+async fn bad_follow_ups_are_refused_at_submission(backend: Backend) {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
+        return;
+    };
+    for (input, says) in [
+        (json!({"then": [{"kind": "chat"}]}), "input.then[0].kind"),
+        (json!({"then": [{"kind": "nope"}]}), "input.then[0].kind"),
+        (
+            json!({"if_dead": [{"kind": "sleep", "input": {"ms": "x"}}]}),
+            "input.if_dead[0].input.ms",
+        ),
+        (
+            json!({"then": [{"kind": "echo", "extra": 1}]}),
+            "input.then[0]",
+        ),
+        (json!({"fail_times": -1}), "input.fail_times"),
+        (json!({"later": []}), "unknown field `later`"),
+    ] {
+        let resp = app
+            .post(
+                &app.user_key,
+                "/v1/jobs",
+                json!({"kind": "chain", "input": input}),
+            )
+            .await;
+        let problem = assert_problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await;
+        let detail = problem["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(says), "{input}: {detail}");
+    }
+    assert!(jobs_of_kind(&app, "chain").await.is_empty());
+    app.stop().await;
+}
