@@ -136,8 +136,9 @@ pub enum Finding {
         /// What is wrong.
         why: String,
     },
-    /// A job's cost as the API shows it differs from what its transfers say.
-    #[error("job {job}: its shown cost does not match its transfers: {why}")]
+    /// A job's cost as the API shows it, or the reservation its outcome settles, differs from
+    /// what its transfers say.
+    #[error("job {job} does not match its transfers: {why}")]
     JobCost {
         /// The job's id.
         job: String,
