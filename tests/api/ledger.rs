@@ -1011,7 +1011,9 @@ async fn derived_state_tampering_is_detected(backend: Backend) {
             "a closed reservation's settled amount",
             format!("UPDATE ledger_reservations SET settled = 6 WHERE id = '{settled}'"),
             format!("UPDATE ledger_reservations SET settled = 5 WHERE id = '{settled}'"),
-            format!("reservation {settled} does not match its transfers: its settled amount is 6 but its transfers say 5"),
+            format!(
+                "reservation {settled} does not match its transfers: its settled amount is 6 but its transfers say 5"
+            ),
         ),
         (
             "a settled job's settled amount",
@@ -1029,7 +1031,9 @@ async fn derived_state_tampering_is_detected(backend: Backend) {
             "a reservation's state",
             format!("UPDATE ledger_reservations SET state = 'expired' WHERE id = '{released}'"),
             format!("UPDATE ledger_reservations SET state = 'released' WHERE id = '{released}'"),
-            format!("reservation {released} does not match its transfers: its state is expired but its transfers say released"),
+            format!(
+                "reservation {released} does not match its transfers: its state is expired but its transfers say released"
+            ),
         ),
         (
             "a settled reservation made pending again",
@@ -1066,7 +1070,9 @@ async fn derived_state_tampering_is_detected(backend: Backend) {
                 "UPDATE tally_jobs SET reservation_id = '{}' WHERE id = '{waiting}'",
                 job_res(&waiting)
             ),
-            format!("job {waiting} does not match its transfers: the reservation its outcome settles, job:{done}"),
+            format!(
+                "job {waiting} does not match its transfers: the reservation its outcome settles, job:{done}"
+            ),
         ),
         (
             "a reservation taken from its job",
@@ -1078,7 +1084,10 @@ async fn derived_state_tampering_is_detected(backend: Backend) {
                 "UPDATE ledger_reservations SET job_id = '{cancelled}' WHERE id = '{}'",
                 job_res(&cancelled)
             ),
-            format!("reservation {} does not match its transfers: its job is none", job_res(&cancelled)),
+            format!(
+                "reservation {} does not match its transfers: its job is none",
+                job_res(&cancelled)
+            ),
         ),
         (
             "a reservation with no hold",

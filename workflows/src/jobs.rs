@@ -1195,10 +1195,13 @@ pub(crate) async fn ledger_records(
 ) -> Result<Vec<(String, crate::ledger::reconcile::JobRecord)>, DbError> {
     let rows: Vec<(String, String, Option<String>)> = match tx {
         crate::db::Tx::Postgres(tx) => {
-            sqlx::query_as("SELECT id, kind, reservation_id FROM tally_jobs WHERE id = ANY($1)")
-                .bind(ids)
-                .fetch_all(&mut **tx)
-                .await?
+            sqlx::query_as(
+                "SELECT id, kind, reservation_id FROM UNNEST($1::text[]) AS v (vid) \
+                 JOIN tally_jobs ON id = vid",
+            )
+            .bind(ids)
+            .fetch_all(&mut **tx)
+            .await?
         }
         crate::db::Tx::Sqlite(tx) => {
             let head = "SELECT id, kind, reservation_id FROM tally_jobs WHERE id IN (";

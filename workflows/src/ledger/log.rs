@@ -720,17 +720,14 @@ async fn check_jobs(snap: &mut Snapshot) -> Result<Result<u64, Finding>, DbError
     while let Some(last) = snap.job_page_end(&after).await? {
         let transfers = snap.job_transfers(&after, &last).await?;
         let reservations = snap.job_reservations(&after, &last).await?;
-        let mut by_job: BTreeMap<&str, (Vec<(&str, i64)>, Vec<&Reservation>)> = BTreeMap::new();
+        let mut by_job: BTreeMap<&str, JobLedger> = BTreeMap::new();
         for (job, kind, amount) in &transfers {
-            by_job
-                .entry(job.as_str())
-                .or_default()
-                .0
-                .push((kind.as_str(), *amount));
+            let named = by_job.entry(job.as_str()).or_default();
+            named.transfers.push((kind.as_str(), *amount));
         }
         for r in &reservations {
             if let Some(job) = r.job_id.as_deref() {
-                by_job.entry(job).or_default().1.push(r);
+                by_job.entry(job).or_default().reservations.push(r);
             }
         }
         let ids: Vec<&str> = by_job.keys().copied().collect();
@@ -739,8 +736,10 @@ async fn check_jobs(snap: &mut Snapshot) -> Result<Result<u64, Finding>, DbError
                 .await?
                 .into_iter()
                 .collect();
-        for (job, (transfers, reservations)) in &by_job {
-            if let Err(f) = reconcile::check_job(job, records.get(*job), reservations, transfers) {
+        for (job, named) in &by_job {
+            let record = records.get(*job);
+            if let Err(f) = reconcile::check_job(job, record, &named.reservations, &named.transfers)
+            {
                 return Ok(Err(f));
             }
         }
@@ -748,6 +747,13 @@ async fn check_jobs(snap: &mut Snapshot) -> Result<Result<u64, Finding>, DbError
         after = last;
     }
     Ok(Ok(checked))
+}
+
+/// What names one job: its transfers' `(kind, amount)` and its reservations.
+#[derive(Default)]
+struct JobLedger<'a> {
+    transfers: Vec<(&'a str, i64)>,
+    reservations: Vec<&'a Reservation>,
 }
 
 /// What an export wrote.
