@@ -22,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Op, RESERVATION_COLUMNS, Reservation, ReservationStep, TRANSFER_COLUMNS, Transfer, reconcile,
-    sql,
 };
 use crate::{Db, DbError, config::LedgerConfig, db::Backend, db::Tx, now_ms, with_pool, with_tx};
 
@@ -500,6 +499,25 @@ impl Snapshot {
         Ok(rows)
     }
 
+    /// The transfers whose ids are the steps' of the reservations [`Snapshot::reservations`]
+    /// reads after `after` (each looked up by primary key).
+    async fn reservations_transfers(&mut self, after: &str) -> Result<Vec<Transfer>, DbError> {
+        let steps: Vec<String> = ReservationStep::ALL
+            .iter()
+            .map(|s| format!("r.id || '{}'", s.id("").replace('\'', "''")))
+            .collect();
+        let columns = TRANSFER_COLUMNS.replace(", ", ", t.");
+        let sql = format!(
+            "SELECT t.{columns} FROM (SELECT id FROM ledger_reservations WHERE id > $1 \
+             ORDER BY id LIMIT $2) AS r JOIN ledger_transfers t ON t.id IN ({})",
+            steps.join(", ")
+        );
+        let rows: Vec<Transfer> = with_tx!(&mut self.tx, conn => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(after).bind(PAGE).fetch_all(&mut *conn).await?
+        });
+        Ok(rows)
+    }
+
     /// A transfer that names a reservation that does not exist, if there is one.
     async fn transfer_of_missing_reservation(
         &mut self,
@@ -668,15 +686,10 @@ async fn check_reservations(
     let (mut checked, mut matched) = (0u64, 0u64);
     let mut after = String::new();
     loop {
+        let found = snap.reservations_transfers(&after).await?;
         let page = snap.reservations(&after).await?;
         let Some(last) = page.last() else { break };
         after = last.id.clone();
-        let ids: Vec<String> = page
-            .iter()
-            .flat_map(|r| ReservationStep::ALL.map(|s| s.id(&r.id)))
-            .collect();
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let found = sql::transfers_by_id(&mut snap.tx, &ids).await?;
         let mut made: HashMap<&str, Vec<&Transfer>> = HashMap::with_capacity(page.len());
         for t in &found {
             // The step's id leads to its reservation: the part before the last '/'.

@@ -163,8 +163,8 @@ pub(super) async fn transfers_by_id(tx: &mut Tx, ids: &[&str]) -> Result<Vec<Tra
     }
     match tx {
         Tx::Postgres(tx) => {
-            // A join, not `id = ANY($1)`: the generic plan of the latter may scan the table
-            // (the audit looks up tens of thousands of ids per statement, page after page).
+            // A join, not `id = ANY($1)`: the generic plan of the latter may leave the
+            // primary key for a scan once the table grew.
             let sql = format!(
                 "SELECT {TRANSFER_COLUMNS} FROM UNNEST($1::text[]) AS v (vid) JOIN ledger_transfers ON id = vid"
             );
