@@ -518,6 +518,8 @@ async fn priced_jobs_reserve_settle_and_release(backend: Backend) {
         .collect();
     merkle::verify_inclusion(&entry.leaf_hash(), index, cp.size, &path, &cp.root)
         .expect("the charge is in the log");
+    // Settled, released, cancelled and retried jobs' reservations all match their transfers.
+    app.assert_ledger_verifies().await;
     app.stop().await;
 }
 
