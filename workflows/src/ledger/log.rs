@@ -572,9 +572,11 @@ impl Snapshot {
 }
 
 /// Audits the whole ledger from one snapshot: every entry's leaf against the stored tree, every
-/// checkpoint's signature (against `trusted` keys only) and root, and every balance against a
-/// replay of the transfers. `progress(done, total)` is called as entries are checked. The inner
-/// `Err` is the first problem found.
+/// checkpoint's signature (against `trusted` keys only) and root, every balance against a
+/// replay of the transfers, then the state derived from the transfers: every reservation
+/// against the transfers that made and closed it, and every job's shown cost against the
+/// transfers that name it ([`reconcile`]). `progress(done, total)` is called as entries are
+/// checked. The inner `Err` is the first problem found.
 pub async fn verify(
     db: &Db,
     trusted: Vec<VerifierKey>,
