@@ -330,11 +330,20 @@ fn progress_bar(what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-fn verdict(result: Result<tally_ledger::Report, String>) -> Result<(), CliError> {
+fn verdict(result: Result<tally_ledger::Report, String>, database: bool) -> Result<(), CliError> {
     match result {
         Ok(report) => {
+            // Reservations and jobs are in the database, not in an export.
+            let derived = if database {
+                format!(
+                    ", {} reservations and {} jobs' costs checked against their transfers",
+                    report.reservations, report.jobs
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "ledger verified: {} entries in the log ({} not yet integrated), {} checkpoints, {} accounts; root {} at size {}",
+                "ledger verified: {} entries in the log ({} not yet integrated), {} checkpoints, {} accounts{derived}; root {} at size {}",
                 report.entries,
                 report.pending,
                 report.checkpoints,
@@ -375,8 +384,10 @@ async fn run_ledger(cfg: &Config, command: LedgerCommand) -> Result<(), CliError
             });
             bar.finish_and_clear();
             match result {
-                Ok(report) => verdict(Ok(report)),
-                Err(tally_ledger::export::ExportError::Finding(f)) => verdict(Err(f.to_string())),
+                Ok(report) => verdict(Ok(report), false),
+                Err(tally_ledger::export::ExportError::Finding(f)) => {
+                    verdict(Err(f.to_string()), false)
+                }
                 Err(e) => Err(CliError::usage(e.to_string())),
             }
         }
@@ -404,7 +415,7 @@ async fn run_ledger(cfg: &Config, command: LedgerCommand) -> Result<(), CliError
             .await?;
             bar.finish_and_clear();
             close(db).await;
-            verdict(result.map_err(|f| f.to_string()))
+            verdict(result.map_err(|f| f.to_string()), true)
         }
         LedgerCommand::Export { out } => {
             let db = open_ready(cfg).await?;

@@ -139,14 +139,11 @@ async fn with_cost(state: &AppState, job: &Job) -> Result<Value, ApiError> {
 
 /// What a job cost (`{"reserved", "settled", "transfers"}`).
 pub(crate) async fn cost(state: &AppState, job: &Job) -> Result<Value, ApiError> {
-    // An agent task's steps hold and settle their own credits.
-    Ok(
-        if job.reservation_id.is_some() || job.kind == tally_workflows::agents::KIND.name {
-            tally_workflows::ledger::job_cost(&state.db, &job.id).await?
-        } else {
-            json!({ "reserved": 0, "settled": 0, "transfers": [] })
-        },
-    )
+    Ok(if job.shows_cost() {
+        tally_workflows::ledger::job_cost(&state.db, &job.id).await?
+    } else {
+        json!({ "reserved": 0, "settled": 0, "transfers": [] })
+    })
 }
 
 async fn show(

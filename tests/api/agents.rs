@@ -231,6 +231,7 @@ async fn killed_task_resumes_without_repaying(backend: Backend) {
         "the dead attempt's hold was released: {task}"
     );
     assert_eq!(app.balance(&key).await, (1000 - 12, 0));
+    app.assert_ledger_verifies().await;
     signal(&second, "TERM");
     let _ = second.wait().await;
     app.stop().await;
@@ -407,6 +408,7 @@ async fn retried_dead_task_pays_every_step(backend: Backend) {
     );
     assert_eq!(task["cost"]["reserved"], 0);
     assert_eq!(app.balance(&key).await, (1000 - 9, 0));
+    app.assert_ledger_verifies().await;
     app.stop().await;
 }
 

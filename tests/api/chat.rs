@@ -341,6 +341,7 @@ async fn provider_usage_refusals_and_fallback(backend: Backend) {
         Some(5),
         "two answered questions and one refused: {conv}"
     );
+    app.assert_ledger_verifies().await;
     app.stop().await;
 }
 
@@ -409,6 +410,7 @@ async fn hangs_and_garbage_release_the_credits(backend: Backend) {
         assert_eq!(job["cost"]["settled"], 0);
         assert_eq!(app.balance(&key).await, (100, 0), "{model}: released");
     }
+    app.assert_ledger_verifies().await;
     app.stop().await;
 }
 

@@ -323,6 +323,15 @@ impl TestApp {
         assert_eq!(resp.status(), StatusCode::CREATED, "grant");
     }
 
+    /// The admin's ledger audit passes: entries, checkpoints, balances, every reservation
+    /// against its transfers and every job's shown cost.
+    pub async fn assert_ledger_verifies(&self) {
+        let resp = self.get(&self.admin_key, "/v1/admin/ledger/verify").await;
+        assert_eq!(resp.status(), StatusCode::OK, "ledger verify");
+        let v: Value = resp.json().await.expect("json");
+        assert_eq!(v["ok"], true, "ledger verify: {v}");
+    }
+
     /// The user's `(available, held)` credits.
     pub async fn balance(&self, key: &str) -> (i64, i64) {
         let resp = self.get(key, "/v1/credits/balance").await;

@@ -518,6 +518,8 @@ async fn priced_jobs_reserve_settle_and_release(backend: Backend) {
         .collect();
     merkle::verify_inclusion(&entry.leaf_hash(), index, cp.size, &path, &cp.root)
         .expect("the charge is in the log");
+    // Settled, released, cancelled and retried jobs' reservations all match their transfers.
+    app.assert_ledger_verifies().await;
     app.stop().await;
 }
 
@@ -892,6 +894,240 @@ async fn tampering_is_detected(backend: Backend) {
     app.stop().await;
 }
 
+/// The derived state beside the transfers: each reservation's row (which a later settle
+/// trusts) and each job's shown cost. An untampered ledger with reservations in every state,
+/// its own and its jobs', passes; each tampering is named, and passes again once repaired.
+async fn derived_state_tampering_is_detected(backend: Backend) {
+    let opts = Options {
+        maintenance: false,
+        overrides: vec![("pricing.echo", json!(2)), ("pricing.sleep", json!(4))],
+        ..Default::default()
+    };
+    let Some(app) = TestApp::spawn_with(backend, opts).await else {
+        return;
+    };
+    let key = app.user_key.clone();
+    app.grant(&app.user_id, 100).await;
+    let reserve = |amount: i64, expires_in_s: u64| {
+        let app = &app;
+        async move {
+            let r = json_of(
+                app.post(
+                    &app.user_key,
+                    "/v1/credits/reserve",
+                    json!({ "amount": amount, "expires_in_s": expires_in_s }),
+                )
+                .await,
+                StatusCode::CREATED,
+            )
+            .await;
+            r["id"].as_str().expect("id").to_owned()
+        }
+    };
+    let pending = reserve(30, 3600).await;
+    let settled = reserve(20, 3600).await;
+    let path = format!("/v1/credits/reservations/{settled}/settle");
+    let resp = app.post(&key, &path, json!({ "amount": 5 })).await;
+    json_of(resp, StatusCode::OK).await;
+    let released = reserve(10, 3600).await;
+    let path = format!("/v1/credits/reservations/{released}/release");
+    json_of(app.post(&key, &path, json!({})).await, StatusCode::OK).await;
+    let expired = reserve(7, 1).await;
+    let now = tally_workflows::now_ms();
+    let n = tally_workflows::ledger::log::expire_due(&app.db, now + 2_000, 100)
+        .await
+        .expect("expire");
+    assert_eq!(n, 1);
+    // A job that settled its price, one that holds it (it runs in 2099), one released.
+    let done = app.submit(json!({ "kind": "echo", "input": {} })).await;
+    app.wait_for(&done, &["succeeded"], Duration::from_secs(20))
+        .await;
+    let waiting = app
+        .submit(json!({ "kind": "sleep", "input": { "ms": 1 }, "run_at": "2099-01-01T00:00:00Z" }))
+        .await;
+    let cancelled = app
+        .submit(json!({ "kind": "sleep", "input": { "ms": 1 }, "run_at": "2099-01-01T00:00:00Z" }))
+        .await;
+    let resp = app
+        .post(&key, &format!("/v1/jobs/{cancelled}/cancel"), json!({}))
+        .await;
+    json_of(resp, StatusCode::OK).await;
+    let signer = app.keys.signer.clone().expect("signer");
+    let origin = app.cfg.ledger.origin.clone();
+    tally_workflows::ledger::log::integrate(&app.db, &signer, &origin, 100_000)
+        .await
+        .expect("integrate");
+    // One more, not yet signed into the log: its reservation is checked all the same.
+    let unsigned = reserve(3, 3600).await;
+    for (id, state) in [
+        (&pending, "pending"),
+        (&settled, "settled"),
+        (&released, "released"),
+        (&expired, "expired"),
+    ] {
+        let r = json_of(
+            app.get(&key, &format!("/v1/credits/reservations/{id}"))
+                .await,
+            StatusCode::OK,
+        )
+        .await;
+        assert_eq!(r["state"], state, "{r}");
+    }
+
+    let (code, out) = cli_verify(&app, &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("8 reservations and 3 jobs' costs checked"),
+        "{out}"
+    );
+    assert_eq!(endpoint_verdict(&app).await["ok"], true);
+
+    let job_res = |job: &str| format!("job:{job}");
+    let user = &app.user_id;
+    let cases: Vec<(&str, String, String, String)> = vec![
+        (
+            "a pending reservation's amount",
+            format!("UPDATE ledger_reservations SET amount = amount + 1 WHERE id = '{pending}'"),
+            format!("UPDATE ledger_reservations SET amount = amount - 1 WHERE id = '{pending}'"),
+            format!("reservation {pending} does not match its transfers: its amount is 31"),
+        ),
+        (
+            "a pending job reservation's amount",
+            format!(
+                "UPDATE ledger_reservations SET amount = 1 WHERE id = '{}'",
+                job_res(&waiting)
+            ),
+            format!(
+                "UPDATE ledger_reservations SET amount = 4 WHERE id = '{}'",
+                job_res(&waiting)
+            ),
+            format!("reservation {} does not match", job_res(&waiting)),
+        ),
+        (
+            "an unsigned reservation's amount",
+            format!("UPDATE ledger_reservations SET amount = 2 WHERE id = '{unsigned}'"),
+            format!("UPDATE ledger_reservations SET amount = 3 WHERE id = '{unsigned}'"),
+            format!("reservation {unsigned} does not match"),
+        ),
+        (
+            "a closed reservation's settled amount",
+            format!("UPDATE ledger_reservations SET settled = 6 WHERE id = '{settled}'"),
+            format!("UPDATE ledger_reservations SET settled = 5 WHERE id = '{settled}'"),
+            format!(
+                "reservation {settled} does not match its transfers: its settled amount is 6 but its transfers say 5"
+            ),
+        ),
+        (
+            "a settled job's settled amount",
+            format!(
+                "UPDATE ledger_reservations SET settled = 1 WHERE id = '{}'",
+                job_res(&done)
+            ),
+            format!(
+                "UPDATE ledger_reservations SET settled = 2 WHERE id = '{}'",
+                job_res(&done)
+            ),
+            format!("reservation {} does not match", job_res(&done)),
+        ),
+        (
+            "a reservation's state",
+            format!("UPDATE ledger_reservations SET state = 'expired' WHERE id = '{released}'"),
+            format!("UPDATE ledger_reservations SET state = 'released' WHERE id = '{released}'"),
+            format!(
+                "reservation {released} does not match its transfers: its state is expired but its transfers say released"
+            ),
+        ),
+        (
+            "a settled reservation made pending again",
+            format!(
+                "UPDATE ledger_reservations SET state = 'pending', settled = NULL, closed_at = NULL WHERE id = '{settled}'"
+            ),
+            format!(
+                "UPDATE ledger_reservations SET state = 'settled', settled = 5, closed_at = created_at WHERE id = '{settled}'"
+            ),
+            format!("reservation {settled} does not match its transfers: its state is pending"),
+        ),
+        (
+            "a reservation moved to another user",
+            format!("UPDATE ledger_reservations SET user_id = 'someone' WHERE id = '{pending}'"),
+            format!("UPDATE ledger_reservations SET user_id = '{user}' WHERE id = '{pending}'"),
+            format!("reservation {pending} does not match its transfers: it is user someone's"),
+        ),
+        (
+            "a job's cost hidden",
+            format!("UPDATE tally_jobs SET reservation_id = NULL WHERE id = '{done}'"),
+            format!(
+                "UPDATE tally_jobs SET reservation_id = '{}' WHERE id = '{done}'",
+                job_res(&done)
+            ),
+            format!("job {done} does not match its transfers: it shows 0 reserved"),
+        ),
+        (
+            "a job's outcome pointed at another job's reservation",
+            format!(
+                "UPDATE tally_jobs SET reservation_id = '{}' WHERE id = '{waiting}'",
+                job_res(&done)
+            ),
+            format!(
+                "UPDATE tally_jobs SET reservation_id = '{}' WHERE id = '{waiting}'",
+                job_res(&waiting)
+            ),
+            format!(
+                "job {waiting} does not match its transfers: the reservation its outcome settles, job:{done}"
+            ),
+        ),
+        (
+            "a reservation taken from its job",
+            format!(
+                "UPDATE ledger_reservations SET job_id = NULL WHERE id = '{}'",
+                job_res(&cancelled)
+            ),
+            format!(
+                "UPDATE ledger_reservations SET job_id = '{cancelled}' WHERE id = '{}'",
+                job_res(&cancelled)
+            ),
+            format!(
+                "reservation {} does not match its transfers: its job is none",
+                job_res(&cancelled)
+            ),
+        ),
+        (
+            "a reservation with no hold",
+            format!(
+                "INSERT INTO ledger_reservations (id, user_id, amount, settled, state, job_id, expires_at, created_at, closed_at) \
+                 VALUES ('forged', '{user}', 5, NULL, 'pending', NULL, NULL, 0, NULL)"
+            ),
+            "DELETE FROM ledger_reservations WHERE id = 'forged'".to_owned(),
+            "reservation forged has no hold transfer (forged/hold)".to_owned(),
+        ),
+        (
+            "a reservation deleted",
+            format!(
+                "CREATE TABLE tamper_backup AS SELECT * FROM ledger_reservations WHERE id = '{released}'; \
+                 DELETE FROM ledger_reservations WHERE id = '{released}'"
+            ),
+            "INSERT INTO ledger_reservations SELECT * FROM tamper_backup; DROP TABLE tamper_backup"
+                .to_owned(),
+            format!("transfer {released}/hold names reservation {released}, which does not exist"),
+        ),
+    ];
+    for (what, damage, repair, named) in cases {
+        exec(&app, &damage).await;
+        let (code, out) = cli_verify(&app, &[]).await;
+        assert_eq!(code, 4, "{what}: the CLI must fail: {out}");
+        assert!(
+            out.contains(&named),
+            "{what}: the CLI must name {named:?}: {out}"
+        );
+        let v = endpoint_verdict(&app).await;
+        assert_eq!(v["ok"], false, "{what}: {v}");
+        exec(&app, &repair).await;
+        let (code, out) = cli_verify(&app, &[]).await;
+        assert_eq!(code, 0, "{what}: repaired: {out}");
+    }
+    app.stop().await;
+}
+
 /// The platform's accounts exist from the start, and a batch only locks the accounts the
 /// process has seen; one that has gone missing anyway (deleted here by hand, as a database
 /// replaced under a running process would lose it) is created again, not assumed.
@@ -934,4 +1170,5 @@ crate::both_backends!(
     priced_jobs_reserve_settle_and_release,
     proofs_and_keys,
     tampering_is_detected,
+    derived_state_tampering_is_detected,
 );

@@ -117,6 +117,11 @@ impl Job {
         Status::parse(&self.status).unwrap_or(Status::Dead)
     }
 
+    /// Whether the API shows what this job cost.
+    pub fn shows_cost(&self) -> bool {
+        shows_cost(&self.kind, self.reservation_id.as_deref())
+    }
+
     /// The job as the API shows it.
     pub fn view(&self) -> Value {
         json!({
@@ -1269,4 +1274,44 @@ pub async fn count_by_status(db: &Db, status: Status) -> Result<i64, DbError> {
     let sql = "SELECT COUNT(*) FROM tally_jobs WHERE status = $1";
     let n: i64 = with_pool!(db, pool => sqlx::query_scalar(sql).bind(status.as_str()).fetch_one(pool).await?);
     Ok(n)
+}
+
+/// Whether the API shows what a job cost: one that holds credits, or an agent task (its steps
+/// hold and settle their own).
+fn shows_cost(kind: &str, reservation_id: Option<&str>) -> bool {
+    reservation_id.is_some() || kind == crate::agents::KIND.name
+}
+
+/// What the ledger's audit needs of these jobs (those that exist): whether the API shows their
+/// cost, and the reservation their outcome settles.
+pub(crate) async fn ledger_records(
+    tx: &mut crate::db::Tx,
+    ids: &[&str],
+) -> Result<Vec<(String, crate::ledger::reconcile::JobRecord)>, DbError> {
+    let rows: Vec<(String, String, Option<String>)> = match tx {
+        crate::db::Tx::Postgres(tx) => {
+            sqlx::query_as(
+                "SELECT id, kind, reservation_id FROM UNNEST($1::text[]) AS v (vid) \
+                 JOIN tally_jobs ON id = vid",
+            )
+            .bind(ids)
+            .fetch_all(&mut **tx)
+            .await?
+        }
+        crate::db::Tx::Sqlite(tx) => {
+            let head = "SELECT id, kind, reservation_id FROM tally_jobs WHERE id IN (";
+            crate::db::sqlite_select_in(tx, head, ids).await?
+        }
+    };
+    Ok(rows
+        .into_iter()
+        .map(|(id, kind, reservation_id)| {
+            let shows_cost = shows_cost(&kind, reservation_id.as_deref());
+            let record = crate::ledger::reconcile::JobRecord {
+                shows_cost,
+                reservation_id,
+            };
+            (id, record)
+        })
+        .collect())
 }

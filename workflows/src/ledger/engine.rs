@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tally_ledger::accounts;
 
-use super::{LedgerError, Op, ResState, Reservation, Transfer, TransferSpec, sql};
+use super::{LedgerError, Op, ResState, Reservation, ReservationStep, Transfer, TransferSpec, sql};
 use crate::{DbError, db::Tx};
 
 /// What an operation did.
@@ -237,7 +237,7 @@ impl Batch {
                     };
                 }
                 let hold = TransferSpec {
-                    id: format!("{id}/hold"),
+                    id: ReservationStep::Hold.id(id),
                     debit: accounts::available(user_id),
                     credit: accounts::held(user_id),
                     amount: *amount,
@@ -307,11 +307,16 @@ impl Batch {
                 }
                 let mut specs = Vec::with_capacity(2);
                 if charge > 0 {
-                    specs.push(r.spec("settle", accounts::REVENUE.to_owned(), charge));
+                    specs.push(r.spec(
+                        ReservationStep::Settle,
+                        "settle",
+                        accounts::REVENUE.to_owned(),
+                        charge,
+                    ));
                 }
                 if r.amount > charge {
                     let back = accounts::available(&r.user_id);
-                    specs.push(r.spec("refund", back, r.amount - charge));
+                    specs.push(r.spec(ReservationStep::Refund, "refund", back, r.amount - charge));
                 }
                 let transfers = self.apply(&specs)?;
                 Ok(self.close(r, ResState::Settled, Some(charge), transfers))
@@ -339,8 +344,8 @@ impl Batch {
                 } else {
                     ("release", ResState::Released)
                 };
-                let mut spec = r.spec(kind, accounts::available(&r.user_id), r.amount);
-                spec.id = format!("{}/release", r.id);
+                let back = accounts::available(&r.user_id);
+                let spec = r.spec(ReservationStep::Release, kind, back, r.amount);
                 let transfers = self.apply(&[spec])?;
                 Ok(self.close(r, state, None, transfers))
             }

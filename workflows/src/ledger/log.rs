@@ -20,7 +20,9 @@ use tally_ledger::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Op, TRANSFER_COLUMNS, Transfer};
+use super::{
+    Op, RESERVATION_COLUMNS, Reservation, ReservationStep, TRANSFER_COLUMNS, Transfer, reconcile,
+};
 use crate::{Db, DbError, config::LedgerConfig, db::Backend, db::Tx, now_ms, with_pool, with_tx};
 
 /// The keys in effect: the one that signs (if this process signs) and every public key whose
@@ -485,12 +487,96 @@ impl Snapshot {
         });
         Ok(rows.into_iter().collect())
     }
+
+    /// Reservations with ids after `after`, in id order.
+    async fn reservations(&mut self, after: &str) -> Result<Vec<Reservation>, DbError> {
+        let sql = format!(
+            "SELECT {RESERVATION_COLUMNS} FROM ledger_reservations WHERE id > $1 ORDER BY id LIMIT $2"
+        );
+        let rows: Vec<Reservation> = with_tx!(&mut self.tx, conn => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(after).bind(PAGE).fetch_all(&mut *conn).await?
+        });
+        Ok(rows)
+    }
+
+    /// The transfers whose ids are the steps' of the reservations [`Snapshot::reservations`]
+    /// reads after `after` (each looked up by primary key).
+    async fn reservations_transfers(&mut self, after: &str) -> Result<Vec<Transfer>, DbError> {
+        let steps: Vec<String> = ReservationStep::ALL
+            .iter()
+            .map(|s| format!("r.id || '{}'", s.id("").replace('\'', "''")))
+            .collect();
+        let columns = TRANSFER_COLUMNS.replace(", ", ", t.");
+        let sql = format!(
+            "SELECT t.{columns} FROM (SELECT id FROM ledger_reservations WHERE id > $1 \
+             ORDER BY id LIMIT $2) AS r JOIN ledger_transfers t ON t.id IN ({})",
+            steps.join(", ")
+        );
+        let rows: Vec<Transfer> = with_tx!(&mut self.tx, conn => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(after).bind(PAGE).fetch_all(&mut *conn).await?
+        });
+        Ok(rows)
+    }
+
+    /// A transfer that names a reservation that does not exist, if there is one.
+    async fn transfer_of_missing_reservation(
+        &mut self,
+    ) -> Result<Option<(String, String)>, DbError> {
+        let sql = "SELECT id, reservation_id FROM ledger_transfers t WHERE reservation_id IS NOT NULL \
+            AND NOT EXISTS (SELECT 1 FROM ledger_reservations r WHERE r.id = t.reservation_id) \
+            ORDER BY id LIMIT 1";
+        let row: Option<(String, String)> = with_tx!(&mut self.tx, conn => {
+            sqlx::query_as(sql).fetch_optional(&mut *conn).await?
+        });
+        Ok(row)
+    }
+
+    /// The last of the next `PAGE` job ids (in order) that transfers name after `after`.
+    async fn job_page_end(&mut self, after: &str) -> Result<Option<String>, DbError> {
+        let sql = "SELECT MAX(job_id) FROM (SELECT DISTINCT job_id FROM ledger_transfers \
+            WHERE job_id > $1 ORDER BY job_id LIMIT $2) AS page";
+        let end: Option<String> = with_tx!(&mut self.tx, conn => {
+            sqlx::query_scalar(sql).bind(after).bind(PAGE).fetch_one(&mut *conn).await?
+        });
+        Ok(end)
+    }
+
+    /// `(job_id, kind, amount)` of the transfers naming a job in (`after`, `last`], by job.
+    async fn job_transfers(
+        &mut self,
+        after: &str,
+        last: &str,
+    ) -> Result<Vec<(String, String, i64)>, DbError> {
+        let sql = "SELECT job_id, kind, amount FROM ledger_transfers \
+            WHERE job_id > $1 AND job_id <= $2 ORDER BY job_id";
+        let rows: Vec<(String, String, i64)> = with_tx!(&mut self.tx, conn => {
+            sqlx::query_as(sql).bind(after).bind(last).fetch_all(&mut *conn).await?
+        });
+        Ok(rows)
+    }
+
+    /// The reservations naming a job in (`after`, `last`].
+    async fn job_reservations(
+        &mut self,
+        after: &str,
+        last: &str,
+    ) -> Result<Vec<Reservation>, DbError> {
+        let sql = format!(
+            "SELECT {RESERVATION_COLUMNS} FROM ledger_reservations WHERE job_id > $1 AND job_id <= $2"
+        );
+        let rows: Vec<Reservation> = with_tx!(&mut self.tx, conn => {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(after).bind(last).fetch_all(&mut *conn).await?
+        });
+        Ok(rows)
+    }
 }
 
 /// Audits the whole ledger from one snapshot: every entry's leaf against the stored tree, every
-/// checkpoint's signature (against `trusted` keys only) and root, and every balance against a
-/// replay of the transfers. `progress(done, total)` is called as entries are checked. The inner
-/// `Err` is the first problem found.
+/// checkpoint's signature (against `trusted` keys only) and root, every balance against a
+/// replay of the transfers, then the state derived from the transfers: every reservation
+/// against the transfers that made and closed it, and every job's shown cost against the
+/// transfers that name it ([`reconcile`]). `progress(done, total)` is called as entries are
+/// checked. The inner `Err` is the first problem found.
 pub async fn verify(
     db: &Db,
     trusted: Vec<VerifierKey>,
@@ -499,6 +585,7 @@ pub async fn verify(
 ) -> Result<Result<Report, Finding>, DbError> {
     let mut snap = Snapshot::open(db).await?;
     let mut auditor = Auditor::new(trusted, origin);
+    let mut named = NamedReservations::default();
     let checkpoints = snap.checkpoints().await?;
     let latest = checkpoints.last().map(|(s, _)| *s).unwrap_or(0);
     for (size, note) in &checkpoints {
@@ -523,6 +610,9 @@ pub async fn verify(
             if let Err(f) = auditor.push(&row.transfer.entry(index), Some(&leaf)) {
                 return Ok(Err(f));
             }
+            if let Err(f) = named.count(&row.transfer) {
+                return Ok(Err(f));
+            }
             if index >= latest {
                 return Ok(Err(Finding::BadEntry {
                     index,
@@ -538,10 +628,13 @@ pub async fn verify(
         if let Err(f) = auditor.push_pending(&t.entry(0)) {
             return Ok(Err(f));
         }
+        if let Err(f) = named.count(&t) {
+            return Ok(Err(f));
+        }
     }
     progress(total, total);
     let stored = snap.balances().await?;
-    let report = match auditor.finish(Some(&stored)) {
+    let mut report = match auditor.finish(Some(&stored)) {
         Ok(report) => report,
         Err(f) => return Ok(Err(f)),
     };
@@ -558,7 +651,124 @@ pub async fn verify(
             why: "the stored tree nodes do not hash to the root of the entries".to_owned(),
         }));
     }
+    match check_reservations(&mut snap, named.0).await? {
+        Ok(n) => report.reservations = n,
+        Err(f) => return Ok(Err(f)),
+    }
+    match check_jobs(&mut snap).await? {
+        Ok(n) => report.jobs = n,
+        Err(f) => return Ok(Err(f)),
+    }
     Ok(Ok(report))
+}
+
+/// Counts the transfers that name a reservation (each must be one of its steps), so that
+/// [`check_reservations`] finds out whether any names one that does not exist without looking
+/// each one up.
+#[derive(Default)]
+struct NamedReservations(u64);
+
+impl NamedReservations {
+    fn count(&mut self, t: &Transfer) -> Result<(), Finding> {
+        if t.reservation_id.is_some() {
+            reconcile::check_named_reservation(t)?;
+            self.0 += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Checks every reservation, a page at a time in id order, against the transfers its steps'
+/// ids name (read by primary key, a page's in one statement); then that every one of the
+/// `named` transfers that name a reservation was among them. Returns how many it checked.
+async fn check_reservations(
+    snap: &mut Snapshot,
+    named: u64,
+) -> Result<Result<u64, Finding>, DbError> {
+    let (mut checked, mut matched) = (0u64, 0u64);
+    let mut after = String::new();
+    loop {
+        let found = snap.reservations_transfers(&after).await?;
+        let page = snap.reservations(&after).await?;
+        let Some(last) = page.last() else { break };
+        after = last.id.clone();
+        let mut made: HashMap<&str, Vec<&Transfer>> = HashMap::with_capacity(page.len());
+        for t in &found {
+            // The step's id leads to its reservation: the part before the last '/'.
+            if let Some((reservation, _)) = t.id.rsplit_once('/') {
+                made.entry(reservation).or_default().push(t);
+            }
+        }
+        for r in &page {
+            let made = made.get(r.id.as_str()).map_or(&[][..], Vec::as_slice);
+            if let Err(f) = reconcile::check_reservation(r, made) {
+                return Ok(Err(f));
+            }
+            matched += made.len() as u64;
+        }
+        checked += page.len() as u64;
+    }
+    if matched != named {
+        return Ok(Err(match snap.transfer_of_missing_reservation().await? {
+            Some((id, reservation)) => Finding::TransferReservation {
+                id,
+                reservation,
+                why: "which does not exist".to_owned(),
+            },
+            None => Finding::TransferReservation {
+                id: "(unknown)".to_owned(),
+                reservation: "(unknown)".to_owned(),
+                why: format!(
+                    "but {named} transfers name reservations and {matched} belong to theirs"
+                ),
+            },
+        }));
+    }
+    Ok(Ok(checked))
+}
+
+/// Checks every job that transfers name, a page of job ids at a time in id order: the cost
+/// the API shows for it against its transfers. Returns how many it checked.
+async fn check_jobs(snap: &mut Snapshot) -> Result<Result<u64, Finding>, DbError> {
+    let mut checked = 0u64;
+    let mut after = String::new();
+    while let Some(last) = snap.job_page_end(&after).await? {
+        let transfers = snap.job_transfers(&after, &last).await?;
+        let reservations = snap.job_reservations(&after, &last).await?;
+        let mut by_job: BTreeMap<&str, JobLedger> = BTreeMap::new();
+        for (job, kind, amount) in &transfers {
+            let named = by_job.entry(job.as_str()).or_default();
+            named.transfers.push((kind.as_str(), *amount));
+        }
+        for r in &reservations {
+            if let Some(job) = r.job_id.as_deref() {
+                by_job.entry(job).or_default().reservations.push(r);
+            }
+        }
+        let ids: Vec<&str> = by_job.keys().copied().collect();
+        let records: HashMap<String, reconcile::JobRecord> =
+            crate::jobs::ledger_records(&mut snap.tx, &ids)
+                .await?
+                .into_iter()
+                .collect();
+        for (job, named) in &by_job {
+            let record = records.get(*job);
+            if let Err(f) = reconcile::check_job(job, record, &named.reservations, &named.transfers)
+            {
+                return Ok(Err(f));
+            }
+        }
+        checked += by_job.len() as u64;
+        after = last;
+    }
+    Ok(Ok(checked))
+}
+
+/// What names one job: its transfers' `(kind, amount)` and its reservations.
+#[derive(Default)]
+struct JobLedger<'a> {
+    transfers: Vec<(&'a str, i64)>,
+    reservations: Vec<&'a Reservation>,
 }
 
 /// What an export wrote.

@@ -12,6 +12,7 @@
 
 pub mod engine;
 pub mod log;
+pub mod reconcile;
 mod sql;
 
 use serde::Serialize;
@@ -157,6 +158,51 @@ impl ResState {
     }
 }
 
+/// A transfer a reservation makes. Its id is the reservation's id and the step's name
+/// (`<id>/hold`, `<id>/settle`, `<id>/refund`, `<id>/release`; an expiry is a release whose
+/// kind is `expire`), so a reservation's transfers are found from its id alone and each is
+/// made at most once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationStep {
+    /// available → held, the reserved amount (kind `reserve`).
+    Hold,
+    /// held → revenue, what settling charged (kind `settle`); none if it charged nothing.
+    Settle,
+    /// held → available, what settling did not charge (kind `refund`); none if it charged all.
+    Refund,
+    /// held → available, all of it (kind `release`, or `expire`).
+    Release,
+}
+
+impl ReservationStep {
+    pub const ALL: [ReservationStep; 4] = [
+        ReservationStep::Hold,
+        ReservationStep::Settle,
+        ReservationStep::Refund,
+        ReservationStep::Release,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            ReservationStep::Hold => "hold",
+            ReservationStep::Settle => "settle",
+            ReservationStep::Refund => "refund",
+            ReservationStep::Release => "release",
+        }
+    }
+
+    /// The id of this step's transfer for `reservation`.
+    pub fn id(self, reservation: &str) -> String {
+        format!("{reservation}/{}", self.name())
+    }
+
+    /// Which step of `reservation` a transfer with this id is, if it is one.
+    pub fn of(transfer_id: &str, reservation: &str) -> Option<ReservationStep> {
+        let name = transfer_id.strip_prefix(reservation)?.strip_prefix('/')?;
+        ReservationStep::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
 /// A two-phase hold on a user's credits.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Reservation {
@@ -187,9 +233,9 @@ impl Reservation {
     }
 
     /// A transfer out of this reservation's held credits.
-    fn spec(&self, kind: &str, to: String, amount: i64) -> TransferSpec {
+    fn spec(&self, step: ReservationStep, kind: &str, to: String, amount: i64) -> TransferSpec {
         TransferSpec {
-            id: format!("{}/{kind}", self.id),
+            id: step.id(&self.id),
             debit: accounts::held(&self.user_id),
             credit: to,
             amount,
@@ -466,15 +512,13 @@ pub async fn job_cost(db: &Db, job_id: &str) -> Result<Value, DbError> {
     let holds: Vec<(i64, String, Option<i64>)> = with_pool!(db, pool => {
         sqlx::query_as(sql).bind(job_id).fetch_all(pool).await?
     });
-    let reserved: i64 = holds
-        .iter()
-        .filter(|(_, s, _)| s == "pending")
-        .map(|(a, _, _)| a)
-        .sum();
-    let settled: i64 = holds.iter().filter_map(|(_, _, s)| *s).sum();
+    let cost = reconcile::JobCost::of_reservations(
+        holds.iter().map(|(a, s, n)| (*a, s.as_str(), *n)),
+        transfers.len(),
+    );
     Ok(json!({
-        "reserved": reserved,
-        "settled": settled,
+        "reserved": cost.reserved,
+        "settled": cost.settled,
         "transfers": transfers.iter().map(Transfer::view).collect::<Vec<_>>(),
     }))
 }

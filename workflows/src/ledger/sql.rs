@@ -163,7 +163,11 @@ pub(super) async fn transfers_by_id(tx: &mut Tx, ids: &[&str]) -> Result<Vec<Tra
     }
     match tx {
         Tx::Postgres(tx) => {
-            let sql = format!("SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE id = ANY($1)");
+            // A join, not `id = ANY($1)`: the generic plan of the latter may leave the
+            // primary key for a scan once the table grew.
+            let sql = format!(
+                "SELECT {TRANSFER_COLUMNS} FROM UNNEST($1::text[]) AS v (vid) JOIN ledger_transfers ON id = vid"
+            );
             Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(ids)
                 .fetch_all(&mut **tx)
