@@ -6,6 +6,7 @@
 //! - [`auth`]: bearer API keys → [`Caller`]; admin-only routes take [`Admin`].
 //! - [`jobs`], [`chat`], [`images`], [`credits`], [`ledger`], [`models`], [`users`], [`health`]: one router per area, merged in
 //!   [`router`].
+//! - [`queues`]: the admin's view of the queues, and their pause switch.
 
 pub mod auth;
 pub mod chat;
@@ -17,6 +18,7 @@ pub mod images;
 pub mod jobs;
 pub mod ledger;
 pub mod models;
+pub mod queues;
 pub mod users;
 
 use std::{future::Future, sync::Arc};
@@ -116,6 +118,7 @@ pub fn router(state: AppState) -> Router {
         .merge(chat::router())
         .merge(images::router())
         .merge(users::router())
+        .merge(queues::router())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

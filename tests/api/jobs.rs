@@ -452,10 +452,17 @@ async fn failure_after_cancel_request_is_final(backend: Backend) {
     let id = app
         .submit(json!({"kind": "fail", "input": {"times": 3}}))
         .await;
-    let claimed = tally_workflows::jobs::claim_many(&app.db, "w:1", std::slice::from_ref(&id))
-        .await
-        .unwrap();
-    let claimed = claimed[0].clone().expect("claimed");
+    let claimed = tally_workflows::jobs::claim_many(
+        &app.db,
+        "w:1",
+        std::slice::from_ref(&id),
+        &tally_workflows::limits::Limits::none(),
+    )
+    .await
+    .unwrap();
+    let Some(tally_workflows::jobs::Claim::Run(claimed)) = claimed.into_iter().next() else {
+        panic!("claimed");
+    };
     let resp = app
         .post(&app.user_key, &format!("/v1/jobs/{id}/cancel"), json!({}))
         .await;

@@ -14,5 +14,7 @@ mod inputs;
 mod jobs;
 mod ledger;
 mod ledger_props;
+mod limits;
 mod models;
 mod processes;
+mod queues;

@@ -5,11 +5,13 @@
 //!   signal; on shutdown, hands back what it still holds.
 //! - [`context`]: what a running job sees: its id, progress reporting and the cancel check.
 //! - [`kinds`]: one file per job kind.
+//! - [`pause`]: queues an admin paused: this process's worker for each fetches nothing.
 //! - [`poll`]: the interval at which an idle worker looks for tasks (apalis' own loses wake-ups).
 
 pub mod ai;
 pub mod context;
 pub mod kinds;
+pub mod pause;
 pub mod poll;
 pub mod pool;
 

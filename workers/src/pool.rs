@@ -12,7 +12,7 @@ use tally_workflows::{
     Db, DbError,
     batch::Batcher,
     config::Config,
-    jobs::{self, Claimed, Completion, Outcome, Status},
+    jobs::{self, Claim, Completion, Outcome, Status},
     queue::{self, JobRef},
     retry,
 };
@@ -47,7 +47,9 @@ struct Runtime {
     retry_base: Duration,
     retry_max: Duration,
     /// Claims of all this process's running handlers, group-committed.
-    claims: Batcher<String, Option<Claimed>>,
+    claims: Batcher<String, Claim>,
+    /// Queue tasks whose jobs a per-user limit held back, put back in batches.
+    holds: Batcher<String, ()>,
     /// Outcomes of all this process's attempts, group-committed with the retries they schedule
     /// and the completion of their queue tasks.
     finishes: Batcher<Completion, Option<Status>>,
@@ -99,9 +101,20 @@ impl WorkerPool {
         };
         let claims = {
             let (db, name) = (claims_db.clone(), self.name.clone());
+            let limits = Arc::new(tally_workflows::limits::Limits::new(&self.cfg.limits));
             Batcher::spawn(MAX_BATCH, move |ids: Vec<String>| {
-                let (db, name) = (db.clone(), name.clone());
-                async move { jobs::claim_many(&db, &name, &ids).await }
+                let (db, name, limits) = (db.clone(), name.clone(), limits.clone());
+                async move { jobs::claim_many(&db, &name, &ids, &limits).await }
+            })
+        };
+        let holds = {
+            let db = claims_db.clone();
+            Batcher::spawn(MAX_BATCH, move |tasks: Vec<String>| {
+                let db = db.clone();
+                async move {
+                    queue::hold_back(&db, &tasks, tally_workflows::limits::HOLD_BACK).await?;
+                    Ok(vec![(); tasks.len()])
+                }
             })
         };
         // apalis worker ids, one per queue: the lock holder on this process's queue tasks.
@@ -136,6 +149,7 @@ impl WorkerPool {
             retry_base: Duration::from_millis(self.cfg.jobs.retry_base_ms),
             retry_max: Duration::from_millis(self.cfg.jobs.retry_max_ms),
             claims,
+            holds,
             finishes,
             attempts: TaskTracker::new(),
             interrupt: CancellationToken::new(),
@@ -144,7 +158,16 @@ impl WorkerPool {
         let heartbeat = Duration::from_secs((w.lease_secs / 3).max(1));
         let missed = (w.lease_secs / heartbeat.as_secs()).max(1) as usize;
         let poll = Duration::from_millis(w.poll_ms);
-        let mut monitor = Monitor::new();
+        // Queues an admin paused: their apalis workers are paused too (see `crate::pause`).
+        let pauses = crate::pause::QueuePauses::load(
+            &self.db,
+            holders.iter().cloned().zip(w.queues.iter().cloned()),
+        )
+        .await?;
+        let mut monitor = Monitor::new().on_event({
+            let pauses = pauses.clone();
+            move |ctx, event| pauses.on_event(ctx, event)
+        });
         // apalis gets a pool of its own on Postgres. On shutdown it may drop one of its
         // transactions (a heartbeat) after BEGIN was sent, and sqlx then returns that
         // connection still inside the transaction (see `Db::begin`); in its own pool, that
@@ -229,6 +252,7 @@ impl WorkerPool {
         // attempts rather than on the monitor, which may not drive a stopping worker's handlers.
         let grace = Duration::from_secs(w.shutdown_timeout_secs);
         let stop = CancellationToken::new();
+        pauses.watch(self.db.clone(), stop.clone());
         let monitor = monitor.shutdown_timeout(grace).run_with_signal({
             let stop = stop.clone();
             async move {
@@ -327,14 +351,22 @@ async fn run_attempt(
         rt.claims.call(job_id.to_owned()),
         kinds::prefetch(kind, job_id, &rt.ai)
     );
-    let Some(claimed) = claimed? else {
-        tracing::debug!("job is not runnable (cancelled, finished or unknown); task dropped");
-        let completion = Completion {
-            task_id: task_id.to_owned(),
-            finish: None,
-        };
-        rt.finishes.call(completion).await?;
-        return Ok(());
+    let claimed = match claimed? {
+        Claim::Run(claimed) => claimed,
+        Claim::Drop => {
+            tracing::debug!("job is not runnable (cancelled, finished or unknown); task dropped");
+            let completion = Completion {
+                task_id: task_id.to_owned(),
+                finish: None,
+            };
+            rt.finishes.call(completion).await?;
+            return Ok(());
+        }
+        Claim::Wait => {
+            tracing::debug!("job is over a per-user limit; task put back for later");
+            rt.holds.call(task_id.to_owned()).await?;
+            return Ok(());
+        }
     };
     let mut effects = Default::default();
     let outcome = match serde_json::from_str(&claimed.input) {

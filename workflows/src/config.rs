@@ -51,6 +51,18 @@ pub struct Config {
     /// Credits each job of a kind costs (`[pricing] echo = 2`). Kinds not listed cost 0.
     pub pricing: BTreeMap<String, i64>,
     pub ai: AiConfig,
+    pub limits: LimitsConfig,
+}
+
+/// Per-user concurrency limits, held across every process on the database (see
+/// `workflows::limits`). A job over a limit waits `queued`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Jobs of one user that may run at once (default: no limit).
+    pub max_running_per_user: Option<i64>,
+    /// Jobs of one kind that one user may run at once (`[limits.kinds] chat = 4`).
+    pub kinds: BTreeMap<String, i64>,
 }
 
 /// AI providers and the model catalog. With no provider configured (and no
@@ -262,6 +274,7 @@ impl Default for Config {
                 default_max_tokens: 512,
                 image_dir: None,
             },
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -424,6 +437,9 @@ impl Config {
                     why: format!("price of {kind:?} is negative"),
                 });
             }
+        }
+        if let Err((key, why)) = crate::limits::Limits::check(&self.limits) {
+            return Err(ConfigError::Invalid { key, why });
         }
         let url = self.database_url();
         if !(url.starts_with("postgres://")

@@ -741,18 +741,38 @@ pub struct Claimed {
     pub max_attempts: i32,
 }
 
-/// Marks each job running on `worker` and counts the attempt, in one statement. `None` for a
-/// job that must not run (cancelled, finished, unknown, or twice in the batch); a job left
-/// `running` by a worker that lost its lease is claimed again.
+/// What the claim answers for one job.
+#[derive(Debug)]
+pub enum Claim {
+    /// Marked running on this worker: run the attempt.
+    Run(Claimed),
+    /// Must not run (cancelled, finished, unknown, or twice in the batch): its task is done.
+    Drop,
+    /// Over a per-user limit ([`crate::limits`]): left as it was, its attempt not counted; its
+    /// task goes back to be fetched later.
+    Wait,
+}
+
+/// Marks each job running on `worker` and counts the attempt, in one statement. A job left
+/// `running` by a worker that lost its lease is claimed again. With `limits` set, a job over
+/// one of them waits.
 pub async fn claim_many(
     db: &Db,
     worker: &str,
     ids: &[String],
-) -> Result<Vec<Option<Claimed>>, DbError> {
+    limits: &crate::limits::Limits,
+) -> Result<Vec<Claim>, DbError> {
     let now = now_ms();
     const RETURNING: &str =
         " RETURNING tally_jobs.id, user_id, kind, input, attempts, max_attempts";
+    // Per-user limits: counted and claimed under per-user locks (see `crate::limits`).
+    let mut held = std::collections::HashSet::new();
     let claimed: Vec<Claimed> = match db {
+        _ if limits.is_set() => {
+            let (claimed, over) = crate::limits::claim(db, worker, ids, now, limits).await?;
+            held = over;
+            claimed
+        }
         // One prepared statement whatever the batch size; the join on the array of ids keeps
         // the plan on the primary key (a generic plan for `id = ANY($3)` may not).
         Db::Postgres(pool) => {
@@ -794,7 +814,7 @@ pub async fn claim_many(
     let refused: Vec<&String> = ids
         .iter()
         .zip(&answers)
-        .filter(|(_, a)| a.is_none())
+        .filter(|(id, a)| a.is_none() && !held.contains(*id))
         .map(|(id, _)| id)
         .collect();
     if !refused.is_empty() {
@@ -816,7 +836,15 @@ pub async fn claim_many(
         release_holds(&mut tx, &ended, now).await?;
         tx.commit().await?;
     }
-    Ok(answers)
+    Ok(ids
+        .iter()
+        .zip(answers)
+        .map(|(id, answer)| match answer {
+            Some(c) => Claim::Run(c),
+            None if held.contains(id) => Claim::Wait,
+            None => Claim::Drop,
+        })
+        .collect())
 }
 
 /// Stores progress; returns true if the job has been asked to stop.

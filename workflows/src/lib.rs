@@ -13,7 +13,9 @@
 //!   one transaction.
 //! - [`kinds`]: the job kinds the platform knows, their queues and input validation.
 //! - [`ledger`]: the signed credit ledger: accounts, transfers, reservations, the Merkle log.
+//! - [`limits`]: per-user concurrency limits, enforced by the claim across processes.
 //! - [`queue`]: the apalis task that carries a job id, pushed inside Tally's transactions.
+//! - [`queues`]: the queues as an admin sees them (depth, running, paused); pause and resume.
 //! - [`retry`]: the backoff rule that decides when a failed attempt runs again.
 //! - [`users`]: users, roles and hashed API keys.
 
@@ -28,7 +30,9 @@ pub mod images;
 pub mod jobs;
 pub mod kinds;
 pub mod ledger;
+pub mod limits;
 pub mod queue;
+pub mod queues;
 pub mod retry;
 pub mod users;
 

@@ -211,6 +211,46 @@ pub async fn release(db: &crate::Db, task_id: &str, delay_secs: i64) -> Result<(
     Ok(())
 }
 
+/// Puts tasks back untouched, to be fetched again after `delay`: their jobs were held back by
+/// a per-user limit (see `crate::limits`). apalis counts nothing for them.
+pub async fn hold_back(
+    db: &crate::Db,
+    task_ids: &[String],
+    delay: std::time::Duration,
+) -> Result<(), DbError> {
+    if task_ids.is_empty() {
+        return Ok(());
+    }
+    match db {
+        crate::Db::Postgres(pool) => {
+            sqlx::query(
+                "UPDATE apalis.jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL, \
+                 run_at = NOW() + make_interval(secs => $2) WHERE id = ANY($1)",
+            )
+            .bind(task_ids)
+            .bind(delay.as_secs_f64())
+            .execute(pool)
+            .await?;
+        }
+        // apalis-sqlite's run times are whole seconds.
+        crate::Db::Sqlite(pool) => {
+            let mut qb = sqlx::QueryBuilder::new(
+                "UPDATE Jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL, \
+                 run_at = strftime('%s', 'now') + ",
+            );
+            qb.push_bind(delay.as_secs_f64().ceil() as i64)
+                .push(" WHERE id IN (");
+            let mut list = qb.separated(", ");
+            for id in task_ids {
+                list.push_bind(id);
+            }
+            qb.push(")");
+            qb.build().execute(pool).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Hands back the tasks a stopping worker still holds, so another process takes them at once
 /// instead of after the lease.
 pub async fn hand_back(db: &crate::Db, worker_names: &[String]) -> Result<u64, DbError> {
