@@ -6,11 +6,13 @@
 //! - [`context`]: what a running job sees: its id, progress reporting and the cancel check.
 //! - [`kinds`]: one file per job kind.
 //! - [`poll`]: the interval at which an idle worker looks for tasks (apalis' own loses wake-ups).
+//! - [`restart`]: a queue's worker starts again, after a growing pause, when its backend failed.
 
 pub mod ai;
 pub mod context;
 pub mod kinds;
 pub mod poll;
 pub mod pool;
+pub mod restart;
 
 pub use pool::{WorkerPool, worker_name};

@@ -24,6 +24,21 @@ pub enum DbError {
     Batch(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The database could not be reached (a batch's error, passed on to each of its callers).
+    #[error("the database is unreachable: {0}")]
+    Unavailable(String),
+}
+
+impl DbError {
+    /// Whether the database could not be reached (refused, restarting, dropped the
+    /// connection, or no connection came free in time), so the same work may succeed later.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DbError::Sqlx(e) => connection_lost(e) || matches!(e, sqlx::Error::PoolTimedOut),
+            DbError::Unavailable(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// Which database a [`Db`] talks to.
@@ -106,6 +121,7 @@ pub async fn pg_bookkeeping_pool(url: &str, max_connections: u32) -> Result<PgPo
         sqlx::postgres::PgConnectOptions::from_str(url)?.options([("synchronous_commit", "off")]);
     Ok(pool_options::<Postgres>()
         .max_connections(max_connections)
+        .acquire_timeout(PG_ACQUIRE_TIMEOUT)
         .connect_with(options)
         .await?)
 }
@@ -131,6 +147,12 @@ pub fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> {
         })
 }
 
+/// How long a statement waits for a Postgres connection. While the server is down, sqlx keeps
+/// trying to connect until then (its pauses grow to a fifth of it), so this bounds both how
+/// long a request waits before it is answered `503` and how late a waiting statement notices
+/// that the server is back.
+pub const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// How long a pooled connection may sit idle before it is checked on its way out.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
@@ -154,7 +176,7 @@ impl Db {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = pool_options::<Postgres>()
                 .max_connections(max_connections)
-                .acquire_timeout(Duration::from_secs(10))
+                .acquire_timeout(PG_ACQUIRE_TIMEOUT)
                 .connect(url)
                 .await?;
             Ok(Db::Postgres(pool))
@@ -230,7 +252,9 @@ impl Db {
         });
         match applied {
             Ok(n) => Ok(n >= expected),
-            Err(sqlx::Error::Database(_)) => Ok(false),
+            // No migrations table yet; a server going down also answers with a database
+            // error, which is not that.
+            Err(e @ sqlx::Error::Database(_)) if !connection_lost(&e) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
@@ -259,7 +283,7 @@ impl Db {
                 match begin().await {
                     Err(e) if connection_lost(&e) && tries > 1 => {
                         tries -= 1;
-                        tracing::warn!(error = %e, "a pooled connection was lost; beginning on another");
+                        tracing::debug!(error = %e, "a pooled connection was lost; beginning on another");
                     }
                     other => break other,
                 }

@@ -13,6 +13,7 @@
 //!   one transaction.
 //! - [`kinds`]: the job kinds the platform knows, their queues and input validation.
 //! - [`ledger`]: the signed credit ledger: accounts, transfers, reservations, the Merkle log.
+//! - [`outage`]: riding out a database outage: retry with backoff, logged once per outage.
 //! - [`queue`]: the apalis task that carries a job id, pushed inside Tally's transactions.
 //! - [`retry`]: the backoff rule that decides when a failed attempt runs again.
 //! - [`users`]: users, roles and hashed API keys.
@@ -27,6 +28,7 @@ pub mod images;
 pub mod jobs;
 pub mod kinds;
 pub mod ledger;
+pub mod outage;
 pub mod queue;
 pub mod retry;
 pub mod users;
