@@ -14,4 +14,5 @@ mod jobs;
 mod ledger;
 mod ledger_props;
 mod models;
+mod outage;
 mod processes;

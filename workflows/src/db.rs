@@ -122,6 +122,7 @@ pub async fn pg_bookkeeping_pool(url: &str, max_connections: u32) -> Result<PgPo
     Ok(pool_options::<Postgres>()
         .max_connections(max_connections)
         .acquire_timeout(PG_ACQUIRE_TIMEOUT)
+        .acquire_slow_threshold(PG_ACQUIRE_TIMEOUT)
         .connect_with(options)
         .await?)
 }
@@ -139,10 +140,9 @@ pub fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> {
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
-                if meta.idle_for > PING_IF_IDLE_FOR {
-                    sqlx::Connection::ping(conn).await?;
-                }
-                Ok(true)
+                // A connection that fails its ping (the server restarted since) is closed and
+                // another taken, without a warning for each.
+                Ok(meta.idle_for <= PING_IF_IDLE_FOR || sqlx::Connection::ping(conn).await.is_ok())
             })
         })
 }
@@ -177,6 +177,7 @@ impl Db {
             let pool = pool_options::<Postgres>()
                 .max_connections(max_connections)
                 .acquire_timeout(PG_ACQUIRE_TIMEOUT)
+                .acquire_slow_threshold(PG_ACQUIRE_TIMEOUT)
                 .connect(url)
                 .await?;
             Ok(Db::Postgres(pool))

@@ -28,6 +28,13 @@ pub const LONGEST_WAIT: Duration = Duration::from_secs(1);
 static DOWN: AtomicBool = AtomicBool::new(false);
 /// When the current outage was first met (ms since the epoch).
 static SINCE_MS: AtomicI64 = AtomicI64::new(0);
+/// When the last outage ended (ms since the epoch).
+static BACK_MS: AtomicI64 = AtomicI64::new(0);
+
+/// How long after the end of an outage a failure is taken for a late report of it: a
+/// statement that began while the server was down may still time out waiting for a
+/// connection (up to `db::PG_ACQUIRE_TIMEOUT`) just after it is back.
+const LATE_REPORTS: Duration = Duration::from_secs(4);
 
 /// The waits between tries: exponential from [`FIRST_WAIT`] to [`LONGEST_WAIT`], with jitter,
 /// for as long as it takes.
@@ -51,6 +58,11 @@ pub fn wait_after(failures: usize) -> Duration {
 /// `what` (a part of the process) could not reach the database. Warns if that starts an
 /// outage; during one, only a debug line.
 pub fn lost(what: &str, error: &dyn std::fmt::Display) {
+    let since_back = crate::now_ms() - BACK_MS.load(Ordering::Acquire);
+    if since_back < LATE_REPORTS.as_millis() as i64 {
+        tracing::debug!(%error, what, "a late failure from the outage that just ended");
+        return;
+    }
     if DOWN.swap(true, Ordering::AcqRel) {
         tracing::debug!(%error, what, "the database is still unreachable");
     } else {
@@ -63,7 +75,9 @@ pub fn lost(what: &str, error: &dyn std::fmt::Display) {
 /// of how long it lasted. Cheap when there was none.
 pub fn back() {
     if DOWN.load(Ordering::Acquire) && DOWN.swap(false, Ordering::AcqRel) {
-        let down_ms = crate::now_ms() - SINCE_MS.load(Ordering::Acquire);
+        let now = crate::now_ms();
+        BACK_MS.store(now, Ordering::Release);
+        let down_ms = now - SINCE_MS.load(Ordering::Acquire);
         tracing::info!(down_ms, "the database is reachable again");
     }
 }

@@ -294,7 +294,8 @@ pub fn spawn_maintenance(
         // Rounds in a row that could not reach the database.
         let mut failures = 0usize;
         loop {
-            let mut unreachable = false;
+            // Whether a step of this round reached the database, and whether one could not.
+            let (mut reached, mut unreachable) = (false, false);
             let mut failed = |what: &str, e: &DbError| {
                 if e.is_unavailable() {
                     unreachable = true;
@@ -307,7 +308,10 @@ pub fn spawn_maintenance(
                 loop {
                     match integrate(&db, key, &cfg.origin, BATCH).await {
                         Ok(Some(done)) if done.added as usize == BATCH => continue,
-                        Ok(_) => break,
+                        Ok(_) => {
+                            reached = true;
+                            break;
+                        }
                         Err(e) => {
                             failed("ledger integration", &e);
                             break;
@@ -318,12 +322,16 @@ pub fn spawn_maintenance(
             let now = now_ms();
             if now - last_expiry >= 1000 {
                 last_expiry = now;
-                if let Err(e) = expire_due(&db, now, 1000).await {
-                    failed("expiring reservations", &e);
+                match expire_due(&db, now, 1000).await {
+                    Ok(_) => reached = true,
+                    Err(e) => failed("expiring reservations", &e),
                 }
             }
             let wait = if unreachable {
                 failures += 1;
+                tick.max(crate::outage::wait_after(failures))
+            } else if failures > 0 && !reached {
+                // Nothing was due this round: the database is not known to be back yet.
                 tick.max(crate::outage::wait_after(failures))
             } else {
                 if failures > 0 {
