@@ -502,10 +502,7 @@ pub async fn spawn_worker(
 }
 
 /// Starts `tally serve` on `url` on a free loopback port; returns it and its base URL.
-pub async fn spawn_serve(
-    url: &str,
-    extra_env: &[(&str, &str)],
-) -> (tokio::process::Child, String) {
+pub async fn spawn_serve(url: &str, extra_env: &[(&str, &str)]) -> (tokio::process::Child, String) {
     use tokio::io::AsyncBufReadExt;
     let mut cmd = tally();
     cmd.args(["serve", "--addr", "127.0.0.1:0"])

@@ -50,7 +50,15 @@ impl PgCluster {
         let cluster = PgCluster { bin, dir, port };
         cluster.as_postgres(
             "initdb",
-            &["-D", &cluster.data(), "-A", "trust", "-U", "postgres", "--no-sync"],
+            &[
+                "-D",
+                &cluster.data(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
         )?;
         let conf = format!(
             "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
@@ -196,10 +204,17 @@ async fn readyz_follows_the_database() {
         problem["type"], "https://tally.dev/problems/database-unavailable",
         "{problem}"
     );
-    assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
     cluster.start_server().expect("start");
     let back = wait_ready(&app.client, &app.base, StatusCode::OK).await;
-    assert!(back < Duration::from_secs(5), "ready {back:?} after the start");
+    assert!(
+        back < Duration::from_secs(5),
+        "ready {back:?} after the start"
+    );
     let id = app.submit(json!({"kind": "echo", "input": {}})).await;
     let job = app
         .wait_for(&id, &["succeeded"], Duration::from_secs(10))
@@ -311,13 +326,20 @@ async fn postgres_restart_under_load() {
     // A new job, submitted as soon as the API takes it, runs within 5 s of the start.
     let probe = loop {
         let resp = app
-            .post(&app.user_key, "/v1/jobs", json!({"kind": "echo", "input": {}}))
+            .post(
+                &app.user_key,
+                "/v1/jobs",
+                json!({"kind": "echo", "input": {}}),
+            )
             .await;
         if resp.status() == StatusCode::ACCEPTED {
             let job: Value = resp.json().await.expect("json");
             break job["id"].as_str().expect("id").to_owned();
         }
-        assert!(started.elapsed() < Duration::from_secs(5), "submissions refused");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "submissions refused"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     app.wait_for(&probe, &["succeeded"], Duration::from_secs(5))
@@ -335,7 +357,11 @@ async fn postgres_restart_under_load() {
     assert!(accepted.len() > 20, "{} accepted", accepted.len());
     for id in &accepted {
         let job = app
-            .wait_for(id, &["succeeded", "dead", "cancelled"], Duration::from_secs(30))
+            .wait_for(
+                id,
+                &["succeeded", "dead", "cancelled"],
+                Duration::from_secs(30),
+            )
             .await;
         assert_eq!(job["status"], "succeeded", "{job}");
     }
@@ -352,8 +378,12 @@ async fn postgres_restart_under_load() {
         let job = if status == "succeeded" {
             app.job(id).await
         } else {
-            app.wait_for(id, &["succeeded", "dead", "cancelled"], Duration::from_secs(30))
-                .await
+            app.wait_for(
+                id,
+                &["succeeded", "dead", "cancelled"],
+                Duration::from_secs(30),
+            )
+            .await
         };
         assert_eq!(job["status"], "succeeded", "{job}");
         assert_eq!(job["cost"]["settled"], PRICE, "{job}");
@@ -380,7 +410,10 @@ async fn postgres_restart_under_load() {
             "worker {name} is still running"
         );
     }
-    assert!(serve.try_wait().expect("status").is_none(), "tally serve is still running");
+    assert!(
+        serve.try_wait().expect("status").is_none(),
+        "tally serve is still running"
+    );
     app.wait_signed().await;
     let v: Value = app
         .get(&app.admin_key, "/v1/admin/ledger/verify")

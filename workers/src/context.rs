@@ -95,18 +95,17 @@ impl JobContext {
         if self.interrupt.is_cancelled() {
             return Err(JobFailure::Interrupted);
         }
-        let cancel = match jobs::report_progress(&self.db, &self.job_id, &self.worker, &progress)
-            .await
-        {
-            Ok(cancel) => cancel,
-            // Progress is only shown: with the database away the job goes on, and a cancel is
-            // seen at a later report.
-            Err(e) if e.is_unavailable() => {
-                tally_workflows::outage::lost("a job's progress report", &e);
-                false
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let cancel =
+            match jobs::report_progress(&self.db, &self.job_id, &self.worker, &progress).await {
+                Ok(cancel) => cancel,
+                // Progress is only shown: with the database away the job goes on, and a cancel is
+                // seen at a later report.
+                Err(e) if e.is_unavailable() => {
+                    tally_workflows::outage::lost("a job's progress report", &e);
+                    false
+                }
+                Err(e) => return Err(e.into()),
+            };
         self.last_check = Some(Instant::now());
         if cancel {
             Err(JobFailure::Cancelled)

@@ -186,8 +186,7 @@ impl WorkerPool {
                         let storage = $storage::<JobRef>::new(&pool)
                             .with_config(config)
                             .poll_with_strategy($wake(&pool, &queue));
-                        let storage =
-                            crate::restart::AfterPause::new(storage, restarts, &failures);
+                        let storage = crate::restart::AfterPause::new(storage, restarts, &failures);
                         WorkerBuilder::new(worker_id.as_str())
                             .backend(storage)
                             .concurrency(concurrency)
