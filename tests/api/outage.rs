@@ -229,6 +229,8 @@ async fn readyz_follows_the_database() {
 /// server's start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_under_load() {
+    /// How long the server stays down.
+    const OUTAGE: Duration = Duration::from_secs(5);
     const PRICE: i64 = 5;
     const GRANT: i64 = 100_000;
     let Some(cluster) = PgCluster::start() else {
@@ -312,7 +314,7 @@ async fn postgres_restart_under_load() {
     let stopped = Instant::now();
     // While it is down, `tally serve`'s /readyz answers 503 within a couple of seconds.
     let mut probes = 0;
-    while stopped.elapsed() < Duration::from_secs(5) {
+    while stopped.elapsed() < OUTAGE {
         let (status, took, body) = readyz(&app.client, &serve_url).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert!(took < Duration::from_millis(2500), "/readyz took {took:?}");

@@ -116,6 +116,9 @@ fn migrator(base: &Migrator) -> Migrator {
 /// only the most recent ones, and any later commit that does wait (an outcome, a ledger
 /// transfer) flushes everything before it. A claim lost that way leaves its job queued, to run
 /// again, as it would had the worker died. Money and outcomes never go through such a pool.
+///
+/// It connects when first used, so a server that goes away while a worker process starts is
+/// waited for like during any other outage, instead of ending the process.
 pub async fn pg_bookkeeping_pool(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
     let options =
         sqlx::postgres::PgConnectOptions::from_str(url)?.options([("synchronous_commit", "off")]);
@@ -123,8 +126,7 @@ pub async fn pg_bookkeeping_pool(url: &str, max_connections: u32) -> Result<PgPo
         .max_connections(max_connections)
         .acquire_timeout(PG_ACQUIRE_TIMEOUT)
         .acquire_slow_threshold(PG_ACQUIRE_TIMEOUT)
-        .connect_with(options)
-        .await?)
+        .connect_lazy_with(options))
 }
 
 /// Pool settings every Tally pool shares. sqlx pings a connection each time it leaves the pool
