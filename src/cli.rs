@@ -191,7 +191,12 @@ impl From<std::io::Error> for CliError {
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,apalis=warn,apalis_core=warn,sqlx=warn")
+        // apalis-core logs each failure of a worker and each restart, sqlx-core each pooled
+        // connection a restarted server dropped; Tally logs an outage once instead
+        // (`tally_workflows::outage`).
+        tracing_subscriber::EnvFilter::new(
+            "info,apalis=warn,apalis_core=off,sqlx=warn,sqlx_core=error",
+        )
     });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

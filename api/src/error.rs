@@ -8,6 +8,9 @@ use axum::{
 use serde_json::json;
 use tally_workflows::{DbError, jobs::JobError, ledger::LedgerError, users::UserError};
 
+/// The problem slug of a request refused because the database is unreachable.
+pub const UNAVAILABLE: &str = "database-unavailable";
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -46,6 +49,16 @@ impl ApiError {
     pub fn forbidden(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "forbidden", detail)
     }
+    /// The database could not be reached: `503`, to be tried again shortly. Logged once per
+    /// outage (see `tally_workflows::outage`), not once per request.
+    pub fn unavailable(cause: &dyn std::fmt::Display) -> Self {
+        tally_workflows::outage::lost("the API", cause);
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            UNAVAILABLE,
+            "the database is unreachable; try again shortly",
+        )
+    }
     pub fn internal(cause: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "request failed");
         Self::new(
@@ -74,12 +87,18 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if self.slug == UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         resp
     }
 }
 
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
+        if e.is_unavailable() {
+            return ApiError::unavailable(&e);
+        }
         ApiError::internal(&e)
     }
 }

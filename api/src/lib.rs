@@ -125,8 +125,24 @@ pub fn router(state: AppState) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             error::panicked,
         ))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(tower_http::trace::TraceLayer::new_for_http().on_failure(on_failure))
         .with_state(state)
+}
+
+/// A server error answered: logged, except `503`s (an outage is logged once, by
+/// `tally_workflows::outage`, not once per refused request).
+fn on_failure(
+    class: tower_http::classify::ServerErrorsFailureClass,
+    latency: std::time::Duration,
+    _: &tracing::Span,
+) {
+    use tower_http::classify::ServerErrorsFailureClass::StatusCode as Status;
+    let latency_ms = latency.as_millis() as u64;
+    if matches!(class, Status(s) if s == axum::http::StatusCode::SERVICE_UNAVAILABLE) {
+        tracing::debug!(latency_ms, "answered 503");
+    } else {
+        tracing::error!(classification = %class, latency_ms, "response failed");
+    }
 }
 
 /// Serves the API on `listener` until `shutdown` resolves; requests in flight are finished.

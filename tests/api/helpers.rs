@@ -186,6 +186,12 @@ impl TestApp {
     pub async fn spawn_with(backend: Backend, opts: Options) -> Option<TestApp> {
         init_logs();
         let url = fresh_database(backend).await?;
+        Some(Self::spawn_at(url, opts).await)
+    }
+
+    /// The app on the empty database at `url` (a server of the test's own).
+    pub async fn spawn_at(url: String, opts: Options) -> TestApp {
+        init_logs();
         let mut cfg = test_config(&url, &opts.overrides);
         let signer = tally_ledger::SignerKey::generate("tally-test").expect("key");
         let signing_key = signer.encode();
@@ -234,7 +240,7 @@ impl TestApp {
                 pool.run(s.cancelled_owned()).await.expect("worker pool");
             }));
         }
-        Some(TestApp {
+        TestApp {
             base,
             client: Client::new(),
             db,
@@ -247,7 +253,7 @@ impl TestApp {
             cfg,
             shutdown,
             tasks,
-        })
+        }
     }
 
     pub async fn stop(self) {
@@ -502,6 +508,33 @@ pub async fn spawn_worker(
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, name)
+}
+
+/// Starts `tally serve` on `url` on a free loopback port; returns it and its base URL.
+pub async fn spawn_serve(url: &str, extra_env: &[(&str, &str)]) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut cmd = tally();
+    cmd.args(["serve", "--addr", "127.0.0.1:0"])
+        .env("DATABASE_URL", url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn tally serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the API printed its address in time")
+        .expect("read stdout")
+        .expect("a line");
+    let base = first
+        .strip_prefix("Tally API is listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+        .to_owned();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, base)
 }
 
 /// Serves `router` on a fresh loopback port (a stand-in for an outside service); returns its

@@ -16,5 +16,6 @@ mod ledger;
 mod ledger_props;
 mod limits;
 mod models;
+mod outage;
 mod processes;
 mod queues;

@@ -115,7 +115,17 @@ impl JobContext {
         if self.interrupt.is_cancelled() {
             return Err(JobFailure::Interrupted);
         }
-        let cancel = jobs::report_progress(&self.db, &self.job_id, &self.worker, &progress).await?;
+        let cancel =
+            match jobs::report_progress(&self.db, &self.job_id, &self.worker, &progress).await {
+                Ok(cancel) => cancel,
+                // Progress is only shown: with the database away the job goes on, and a cancel is
+                // seen at a later report.
+                Err(e) if e.is_unavailable() => {
+                    tally_workflows::outage::lost("a job's progress report", &e);
+                    false
+                }
+                Err(e) => return Err(e.into()),
+            };
         self.last_check = Some(Instant::now());
         if cancel {
             Err(JobFailure::Cancelled)
@@ -137,9 +147,15 @@ impl JobContext {
             return Ok(());
         }
         self.last_check = Some(Instant::now());
-        if jobs::cancel_requested(&self.db, &self.job_id, &self.worker).await? {
-            return Err(JobFailure::Cancelled);
+        match jobs::cancel_requested(&self.db, &self.job_id, &self.worker).await {
+            Ok(true) => Err(JobFailure::Cancelled),
+            Ok(false) => Ok(()),
+            // As for progress: the job goes on while the database is away.
+            Err(e) if e.is_unavailable() => {
+                tally_workflows::outage::lost("a job's cancel check", &e);
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
         }
-        Ok(())
     }
 }

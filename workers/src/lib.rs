@@ -7,6 +7,7 @@
 //! - [`kinds`]: one file per job kind.
 //! - [`pause`]: queues an admin paused: this process's worker for each fetches nothing.
 //! - [`poll`]: the interval at which an idle worker looks for tasks (apalis' own loses wake-ups).
+//! - [`restart`]: a queue's worker starts again, after a growing pause, when its backend failed.
 
 pub mod ai;
 pub mod context;
@@ -14,5 +15,6 @@ pub mod kinds;
 pub mod pause;
 pub mod poll;
 pub mod pool;
+pub mod restart;
 
 pub use pool::{WorkerPool, worker_name};

@@ -103,7 +103,8 @@ const QUIET: Duration = Duration::from_secs(1);
 
 impl SqliteCommits {
     /// Starts watching the database `options` opens. If the watch loses its connection, it
-    /// opens another a second later; meanwhile the workers poll at their interval.
+    /// opens another, waiting longer after each failure in a row
+    /// ([`tally_workflows::outage::backoff`]); meanwhile the workers poll at their interval.
     pub fn watch(options: sqlx::sqlite::SqliteConnectOptions) -> Self {
         let commits = SqliteCommits {
             subscribers: Default::default(),
@@ -111,13 +112,17 @@ impl SqliteCommits {
         let subscribers = std::sync::Arc::downgrade(&commits.subscribers);
         tokio::spawn(async move {
             use sqlx::Connection;
+            use tally_workflows::outage;
+            // Failures in a row to open or read the database.
+            let mut failures = 0usize;
             // The pool's last handle is gone when no subscriber list is left: nothing to wake.
             while subscribers.strong_count() > 0 {
                 let mut conn = match sqlx::SqliteConnection::connect_with(&options).await {
                     Ok(conn) => conn,
                     Err(e) => {
-                        tracing::warn!(error = %e, "SQLite commit watch cannot connect; retrying in 1 s");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        failures += 1;
+                        outage::lost("the SQLite commit watch", &e);
+                        tokio::time::sleep(outage::wait_after(failures)).await;
                         continue;
                     }
                 };
@@ -133,10 +138,17 @@ impl SqliteCommits {
                         .fetch_one(&mut conn)
                         .await
                     {
-                        Ok(v) => v,
+                        Ok(v) => {
+                            if failures > 0 {
+                                failures = 0;
+                                outage::back();
+                            }
+                            v
+                        }
                         Err(e) => {
-                            tracing::warn!(error = %e, "SQLite commit watch lost its connection; reconnecting in 1 s");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            failures += 1;
+                            outage::lost("the SQLite commit watch", &e);
+                            tokio::time::sleep(outage::wait_after(failures)).await;
                             break;
                         }
                     };
@@ -167,6 +179,78 @@ impl SqliteCommits {
             .unwrap_or_else(|e| e.into_inner())
             .push(tx);
         Box::pin(rx)
+    }
+}
+
+/// Postgres' wake-ups for the workers of `queue`: apalis' trigger sends an
+/// `apalis::job::insert` notification for every new task, heard here on a listening
+/// connection of `pool`'s. When that connection is lost (the server restarted), the listener
+/// listens again on a new one, waiting longer after each failure in a row
+/// ([`tally_workflows::outage::backoff`]); meanwhile the workers poll at their interval. It
+/// never stops on its own: it ends when the returned stream is dropped (its worker stopped).
+pub fn pg_task_inserts(pool: sqlx::PgPool, queue: String) -> WakeStream {
+    const CHANNEL: &str = "apalis::job::insert";
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        use tally_workflows::outage;
+        // A full channel already holds a wake-up.
+        let wake = |tx: &tokio::sync::mpsc::Sender<()>| {
+            let _ = tx.try_send(());
+        };
+        let mut listener = None;
+        let mut failures = 0usize;
+        loop {
+            let heard = async {
+                let l = match &mut listener {
+                    Some(l) => l,
+                    None => {
+                        let mut l = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                        l.listen(CHANNEL).await?;
+                        listener.insert(l)
+                    }
+                };
+                l.try_recv().await
+            };
+            let heard = tokio::select! {
+                () = tx.closed() => return,
+                heard = heard => heard,
+            };
+            match heard {
+                Ok(Some(n)) => {
+                    failures = 0;
+                    let event: serde_json::Value =
+                        serde_json::from_str(n.payload()).unwrap_or_default();
+                    if event["job_type"] == queue.as_str() {
+                        wake(&tx);
+                    }
+                }
+                // The connection was lost and a new one listens: notifications sent in
+                // between are gone, so the workers look once.
+                Ok(None) => wake(&tx),
+                Err(e) => {
+                    failures += 1;
+                    outage::lost("the listener for new tasks", &e);
+                    tokio::select! {
+                        () = tx.closed() => return,
+                        () = tokio::time::sleep(outage::wait_after(failures)) => {}
+                    }
+                    // The workers look once: notifications may have been missed.
+                    wake(&tx);
+                }
+            }
+        }
+    });
+    Box::pin(Wakes(rx))
+}
+
+/// The receiving end of [`pg_task_inserts`].
+struct Wakes(tokio::sync::mpsc::Receiver<()>);
+
+impl Stream for Wakes {
+    type Item = ();
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<()>> {
+        self.0.poll_recv(cx)
     }
 }
 

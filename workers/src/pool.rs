@@ -13,6 +13,7 @@ use tally_workflows::{
     batch::Batcher,
     config::Config,
     jobs::{self, Claim, Completion, Outcome, Status},
+    outage,
     queue::{self, JobRef},
     retry,
 };
@@ -164,10 +165,14 @@ impl WorkerPool {
             holders.iter().cloned().zip(w.queues.iter().cloned()),
         )
         .await?;
-        let mut monitor = Monitor::new().on_event({
-            let pauses = pauses.clone();
-            move |ctx, event| pauses.on_event(ctx, event)
-        });
+        // A worker whose fetch or heartbeat failed (the database went away) starts again,
+        // after a pause that grows while it keeps failing (see `restart`).
+        let mut monitor = Monitor::new()
+            .on_event({
+                let pauses = pauses.clone();
+                move |ctx, event| pauses.on_event(ctx, event)
+            })
+            .should_restart(crate::restart::should_restart);
         // apalis gets a pool of its own on Postgres. On shutdown it may drop one of its
         // transactions (a heartbeat) after BEGIN was sent, and sqlx then returns that
         // connection still inside the transaction (see `Db::begin`); in its own pool, that
@@ -189,11 +194,12 @@ impl WorkerPool {
         for (queue, worker_id) in w.queues.iter().zip(holders.clone()) {
             let (rt, concurrency, batch, queue) =
                 (rt.clone(), w.concurrency, w.batch_size, queue.clone());
+            let failures = crate::restart::Failures::default();
             // The same worker on either backend; only apalis' storage type differs.
             macro_rules! register {
                 ($storage:ident, $config:path, $pool:expr, $wake:expr) => {{
                     let pool = $pool;
-                    monitor.register(move |_restarts| {
+                    monitor.register(move |restarts| {
                         // Tally marks tasks running and done itself, in its own transactions.
                         let config = <$config>::default()
                             .queue(&queue)
@@ -205,6 +211,7 @@ impl WorkerPool {
                         let storage = $storage::<JobRef>::new(&pool)
                             .with_config(config)
                             .poll_with_strategy($wake(&pool, &queue));
+                        let storage = crate::restart::AfterPause::new(storage, restarts, &failures);
                         WorkerBuilder::new(worker_id.as_str())
                             .backend(storage)
                             .concurrency(concurrency)
@@ -223,9 +230,8 @@ impl WorkerPool {
                         .clone()
                         .ok_or_else(|| DbError::Queue("no queue pool".into()))?,
                     |pool: &sqlx::PgPool, queue: &str| {
-                        let signals = apalis_postgres::Pubsub::new(pool.clone(), queue.to_owned());
                         crate::poll::Every::new(poll)
-                            .with_wake(Box::pin(futures::StreamExt::map(signals, |_| ())))
+                            .with_wake(crate::poll::pg_task_inserts(pool.clone(), queue.to_owned()))
                     }
                 ),
                 // SQLite: woken by the commits of other connections.
@@ -316,25 +322,33 @@ impl WorkerPool {
 /// Seconds before a task whose handler hit an infrastructure error is tried again.
 const RELEASE_DELAY_SECS: i64 = 5;
 
-/// One queue task: one attempt of one job.
+/// One queue task: one attempt of one job. The attempt runs as a task of its own, which also
+/// gives the queue task back when the attempt could not be recorded: apalis drops this
+/// handler when its worker fails (the database went away), and the attempt must still end.
 async fn handle(task: JobRef, task_id: TaskId, rt: Data<Arc<Runtime>>) -> Result<(), BoxDynError> {
     let task_id = task_id.to_string();
     let rt: Arc<Runtime> = (*rt).clone();
     let attempt = {
         let (rt, job_id, task_id) = (rt.clone(), task.job_id.clone(), task_id.clone());
         let kind = task.kind.clone();
-        rt.attempts
-            .clone()
-            .spawn(async move { run_attempt(&job_id, kind.as_deref(), &task_id, &rt).await })
+        rt.attempts.clone().spawn(async move {
+            let result = run_attempt(&job_id, kind.as_deref(), &task_id, &rt).await;
+            if let Err(e) = &result {
+                tracing::error!(%job_id, error = %e, "attempt could not be recorded; task released for a later try");
+                let released = outage::retry("releasing a task", &rt.interrupt, || {
+                    queue::release(&rt.db, &task_id, RELEASE_DELAY_SECS)
+                })
+                .await;
+                if let Err(e) = released {
+                    tracing::warn!(%job_id, error = %e, "task not released; the lease will free it");
+                }
+            }
+            result
+        })
     };
-    let result = attempt
+    attempt
         .await
-        .unwrap_or_else(|e| Err(DbError::Batch(format!("attempt task failed: {e}"))));
-    if let Err(e) = result {
-        tracing::error!(job_id = %task.job_id, error = %e, "attempt could not be recorded; task released for a later try");
-        queue::release(&rt.db, &task_id, RELEASE_DELAY_SECS).await?;
-        return Err(Box::new(e));
-    }
+        .unwrap_or_else(|e| Err(DbError::Batch(format!("attempt task failed: {e}"))))?;
     Ok(())
 }
 
@@ -347,8 +361,12 @@ async fn run_attempt(
     task_id: &str,
     rt: &Runtime,
 ) -> Result<(), DbError> {
+    // While the database is away, the claim and the outcome wait for it (see `outage`): an
+    // attempt gives up only at the end of a shutdown.
     let (claimed, prefetched) = tokio::join!(
-        rt.claims.call(job_id.to_owned()),
+        outage::retry("claiming a job", &rt.interrupt, || rt
+            .claims
+            .call(job_id.to_owned())),
         kinds::prefetch(kind, job_id, &rt.ai)
     );
     let claimed = match claimed? {
@@ -359,7 +377,10 @@ async fn run_attempt(
                 task_id: task_id.to_owned(),
                 finish: None,
             };
-            rt.finishes.call(completion).await?;
+            outage::retry("recording an outcome", &rt.interrupt, || {
+                rt.finishes.call(completion.clone())
+            })
+            .await?;
             return Ok(());
         }
         Claim::Wait => {
@@ -409,7 +430,10 @@ async fn run_attempt(
         task_id: task_id.to_owned(),
         finish: Some(finish),
     };
-    let status = rt.finishes.call(completion).await?;
+    let status = outage::retry("recording an outcome", &rt.interrupt, || {
+        rt.finishes.call(completion.clone())
+    })
+    .await?;
     tracing::debug!(attempt = claimed.attempts, status = ?status, "attempt finished");
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 use std::{future::Future, sync::Arc};
 
+use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::DbError;
@@ -40,7 +41,10 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                 let (reqs, replies): (Vec<Req>, Vec<Reply<Resp>>) =
                     std::mem::take(&mut batch).into_iter().unzip();
                 let n = reqs.len();
-                match run(reqs).await {
+                // A batch that panics fails its callers; the task goes on with the next one.
+                let ran = std::panic::AssertUnwindSafe(run(reqs)).catch_unwind().await;
+                let ran = ran.unwrap_or_else(|_| Err(DbError::Batch("the batch panicked".into())));
+                match ran {
                     Ok(answers) if answers.len() == n => {
                         for (reply, answer) in replies.into_iter().zip(answers) {
                             let _ = reply.send(Ok(answer));
@@ -53,9 +57,16 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                         }
                     }
                     Err(e) => {
+                        // Each caller learns whether the database was unreachable (the API
+                        // answers 503 and a worker waits for it) or the batch failed.
+                        let unavailable = e.is_unavailable();
                         let msg = e.to_string();
                         for reply in replies {
-                            let _ = reply.send(Err(DbError::Batch(msg.clone())));
+                            let _ = reply.send(Err(if unavailable {
+                                DbError::Unavailable(msg.clone())
+                            } else {
+                                DbError::Batch(msg.clone())
+                            }));
                         }
                     }
                 }
@@ -116,10 +127,27 @@ mod tests {
         });
         let err = failing.call(1).await.expect_err("fails");
         assert!(err.to_string().contains("disk on fire"), "{err}");
+        let down = Batcher::spawn(8, |_reqs: Vec<u32>| async {
+            Err::<Vec<u32>, _>(DbError::Sqlx(sqlx::Error::PoolTimedOut))
+        });
+        let err = down.call(1).await.expect_err("fails");
+        assert!(err.is_unavailable(), "stays an outage: {err}");
         let short = Batcher::spawn(8, |_reqs: Vec<u32>| async { Ok(Vec::<u32>::new()) });
         assert!(
             short.call(1).await.is_err(),
             "a batch that answers too few fails"
         );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_batch_fails_its_callers_and_the_next_batch_runs() {
+        let flaky = Batcher::spawn(8, |reqs: Vec<u32>| async move {
+            if reqs.contains(&0) {
+                panic!("boom");
+            }
+            Ok(reqs)
+        });
+        assert!(flaky.call(0).await.is_err());
+        assert_eq!(flaky.call(7).await.expect("still running"), 7);
     }
 }

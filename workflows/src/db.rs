@@ -24,6 +24,21 @@ pub enum DbError {
     Batch(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The database could not be reached (a batch's error, passed on to each of its callers).
+    #[error("the database is unreachable: {0}")]
+    Unavailable(String),
+}
+
+impl DbError {
+    /// Whether the database could not be reached (refused, restarting, dropped the
+    /// connection, or no connection came free in time), so the same work may succeed later.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DbError::Sqlx(e) => connection_lost(e) || matches!(e, sqlx::Error::PoolTimedOut),
+            DbError::Unavailable(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// Which database a [`Db`] talks to.
@@ -101,13 +116,17 @@ fn migrator(base: &Migrator) -> Migrator {
 /// only the most recent ones, and any later commit that does wait (an outcome, a ledger
 /// transfer) flushes everything before it. A claim lost that way leaves its job queued, to run
 /// again, as it would had the worker died. Money and outcomes never go through such a pool.
+///
+/// It connects when first used, so a server that goes away while a worker process starts is
+/// waited for like during any other outage, instead of ending the process.
 pub async fn pg_bookkeeping_pool(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
     let options =
         sqlx::postgres::PgConnectOptions::from_str(url)?.options([("synchronous_commit", "off")]);
     Ok(pool_options::<Postgres>()
         .max_connections(max_connections)
-        .connect_with(options)
-        .await?)
+        .acquire_timeout(PG_ACQUIRE_TIMEOUT)
+        .acquire_slow_threshold(PG_ACQUIRE_TIMEOUT)
+        .connect_lazy_with(options))
 }
 
 /// Pool settings every Tally pool shares. sqlx pings a connection each time it leaves the pool
@@ -123,13 +142,18 @@ pub fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> {
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
-                if meta.idle_for > PING_IF_IDLE_FOR {
-                    sqlx::Connection::ping(conn).await?;
-                }
-                Ok(true)
+                // A connection that fails its ping (the server restarted since) is closed and
+                // another taken, without a warning for each.
+                Ok(meta.idle_for <= PING_IF_IDLE_FOR || sqlx::Connection::ping(conn).await.is_ok())
             })
         })
 }
+
+/// How long a statement waits for a Postgres connection. While the server is down, sqlx keeps
+/// trying to connect until then (its pauses grow to a fifth of it), so this bounds both how
+/// long a request waits before it is answered `503` and how late a waiting statement notices
+/// that the server is back.
+pub const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long a pooled connection may sit idle before it is checked on its way out.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
@@ -154,7 +178,8 @@ impl Db {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = pool_options::<Postgres>()
                 .max_connections(max_connections)
-                .acquire_timeout(Duration::from_secs(10))
+                .acquire_timeout(PG_ACQUIRE_TIMEOUT)
+                .acquire_slow_threshold(PG_ACQUIRE_TIMEOUT)
                 .connect(url)
                 .await?;
             Ok(Db::Postgres(pool))
@@ -230,7 +255,9 @@ impl Db {
         });
         match applied {
             Ok(n) => Ok(n >= expected),
-            Err(sqlx::Error::Database(_)) => Ok(false),
+            // No migrations table yet; a server going down also answers with a database
+            // error, which is not that.
+            Err(e @ sqlx::Error::Database(_)) if !connection_lost(&e) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
@@ -259,7 +286,7 @@ impl Db {
                 match begin().await {
                     Err(e) if connection_lost(&e) && tries > 1 => {
                         tries -= 1;
-                        tracing::warn!(error = %e, "a pooled connection was lost; beginning on another");
+                        tracing::debug!(error = %e, "a pooled connection was lost; beginning on another");
                     }
                     other => break other,
                 }

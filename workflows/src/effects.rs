@@ -20,7 +20,7 @@ use crate::{DbError, db::Tx, jobs::NewJob, ledger::Op};
 
 /// A capability's table that jobs stage rows for.
 pub trait Table: Send + Sync + 'static {
-    type Row: fmt::Debug + Send + Sync + 'static;
+    type Row: Clone + fmt::Debug + Send + Sync + 'static;
     /// Names the table; tables are written in the order of their names.
     const NAME: &'static str;
     /// Writes the rows in `tx` (one statement per dialect for the batch). A row already
@@ -72,6 +72,12 @@ impl Rows {
     }
 }
 
+impl Clone for Rows {
+    fn clone(&self) -> Rows {
+        Rows(self.0.clone_box())
+    }
+}
+
 impl fmt::Debug for Rows {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.debug(f)
@@ -80,6 +86,7 @@ impl fmt::Debug for Rows {
 
 trait AnyRows: Send + Sync {
     fn table(&self) -> &'static str;
+    fn clone_box(&self) -> Box<dyn AnyRows>;
     fn into_any(self: Box<Self>) -> Box<dyn Any>;
     /// Appends `other`, which is of the same table.
     fn append(&mut self, other: Box<dyn AnyRows>);
@@ -97,6 +104,9 @@ struct TableRows<T: Table>(Vec<T::Row>);
 impl<T: Table> AnyRows for TableRows<T> {
     fn table(&self) -> &'static str {
         T::NAME
+    }
+    fn clone_box(&self) -> Box<dyn AnyRows> {
+        Box::new(TableRows::<T>(self.0.clone()))
     }
     fn into_any(self: Box<Self>) -> Box<dyn Any> {
         self
@@ -125,7 +135,7 @@ impl<T: Table> AnyRows for TableRows<T> {
 /// A job to enqueue when an outcome is applied. Its id derives from the job that staged it and
 /// `name` ([`crate::jobs::derived_id`]), so it is enqueued once however often the outcome is
 /// delivered or retried.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct FollowUp {
     pub name: String,
     /// The job; its `id` is set by the engine. A follow-up holds no credits at submission
@@ -134,7 +144,7 @@ pub struct FollowUp {
 }
 
 /// What one outcome writes besides the job's own row.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Effects {
     pub rows: Vec<Rows>,
     pub ledger: Vec<Op>,

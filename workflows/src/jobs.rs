@@ -149,7 +149,7 @@ impl Job {
 }
 
 /// A submission, already validated.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct NewJob {
     /// The job's id, when the caller chose it (a follow-up's derives from its cause); a new
     /// UUIDv7 otherwise.
@@ -895,7 +895,7 @@ pub enum Outcome {
 }
 
 /// What an attempt's outcome does to its job.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Finish {
     pub id: String,
     pub status: Status,
@@ -956,7 +956,7 @@ pub fn plan(
 }
 
 /// One handled queue task: its id, and the outcome of the attempt it ran, if it ran one.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Completion {
     pub task_id: String,
     pub finish: Option<Finish>,

@@ -14,6 +14,7 @@
 //! - [`kinds`]: the job kinds the platform knows, their queues and input validation.
 //! - [`ledger`]: the signed credit ledger: accounts, transfers, reservations, the Merkle log.
 //! - [`limits`]: per-user concurrency limits, enforced by the claim across processes.
+//! - [`outage`]: riding out a database outage: retry with backoff, logged once per outage.
 //! - [`queue`]: the apalis task that carries a job id, pushed inside Tally's transactions.
 //! - [`queues`]: the queues as an admin sees them (depth, running, paused); pause and resume.
 //! - [`retry`]: the backoff rule that decides when a failed attempt runs again.
@@ -31,6 +32,7 @@ pub mod jobs;
 pub mod kinds;
 pub mod ledger;
 pub mod limits;
+pub mod outage;
 pub mod queue;
 pub mod queues;
 pub mod retry;

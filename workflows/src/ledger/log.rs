@@ -281,7 +281,8 @@ pub async fn expire_due(db: &Db, now: i64, max: usize) -> Result<usize, DbError>
 
 /// The ledger's background work in one process: expire reservations every second and, if it
 /// holds a signing key, integrate new transfers and sign a checkpoint every `checkpoint_ms`.
-/// Stops when `stop` is cancelled, after a last integration.
+/// While the database is unreachable it waits longer between rounds (see [`crate::outage`]);
+/// it never ends on its own. Stops when `stop` is cancelled, after a last integration.
 pub fn spawn_maintenance(
     db: Db,
     signer: Option<SignerKey>,
@@ -292,14 +293,29 @@ pub fn spawn_maintenance(
     tokio::spawn(async move {
         let tick = Duration::from_millis(cfg.checkpoint_ms);
         let mut last_expiry = 0i64;
+        // Rounds in a row that could not reach the database.
+        let mut failures = 0usize;
         loop {
+            // Whether a step of this round reached the database, and whether one could not.
+            let (mut reached, mut unreachable) = (false, false);
+            let mut failed = |what: &str, e: &DbError| {
+                if e.is_unavailable() {
+                    unreachable = true;
+                    crate::outage::lost(what, e);
+                } else {
+                    tracing::warn!(error = %e, "{what} failed; will retry");
+                }
+            };
             if let Some(key) = &signer {
                 loop {
                     match integrate(&db, key, &cfg.origin, BATCH).await {
                         Ok(Some(done)) if done.added as usize == BATCH => continue,
-                        Ok(_) => break,
+                        Ok(_) => {
+                            reached = true;
+                            break;
+                        }
                         Err(e) => {
-                            tracing::warn!(error = %e, "ledger integration failed; will retry");
+                            failed("ledger integration", &e);
                             break;
                         }
                     }
@@ -308,13 +324,27 @@ pub fn spawn_maintenance(
             let now = now_ms();
             if now - last_expiry >= 1000 {
                 last_expiry = now;
-                if let Err(e) = expire_due(&db, now, 1000).await {
-                    tracing::warn!(error = %e, "expiring reservations failed; will retry");
+                match expire_due(&db, now, 1000).await {
+                    Ok(_) => reached = true,
+                    Err(e) => failed("expiring reservations", &e),
                 }
             }
+            let wait = if unreachable {
+                failures += 1;
+                tick.max(crate::outage::wait_after(failures))
+            } else if failures > 0 && !reached {
+                // Nothing was due this round: the database is not known to be back yet.
+                tick.max(crate::outage::wait_after(failures))
+            } else {
+                if failures > 0 {
+                    crate::outage::back();
+                }
+                failures = 0;
+                tick
+            };
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(tick) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
         if let Some(key) = &signer
