@@ -26,6 +26,17 @@ both_backends!(
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Workers in this process that retry a failed attempt within milliseconds.
+fn fast_retries() -> crate::helpers::Options {
+    crate::helpers::Options {
+        overrides: vec![
+            ("jobs.retry_base_ms", json!(1)),
+            ("jobs.retry_max_ms", json!(5)),
+        ],
+        ..Default::default()
+    }
+}
+
 /// Every job of the test user, by kind.
 async fn jobs_of_kind(app: &TestApp, kind: &str) -> Vec<Value> {
     let resp = app
@@ -37,14 +48,7 @@ async fn jobs_of_kind(app: &TestApp, kind: &str) -> Vec<Value> {
 }
 
 async fn follow_ups_commit_with_success_once_across_retries(backend: Backend) {
-    let opts = crate::helpers::Options {
-        overrides: vec![
-            ("jobs.retry_base_ms", json!(1)),
-            ("jobs.retry_max_ms", json!(5)),
-        ],
-        ..Default::default()
-    };
-    let Some(app) = TestApp::spawn_with(backend, opts).await else {
+    let Some(app) = TestApp::spawn_with(backend, fast_retries()).await else {
         return;
     };
     let id = app
@@ -77,14 +81,7 @@ async fn follow_ups_commit_with_success_once_across_retries(backend: Backend) {
 }
 
 async fn follow_ups_of_death_commit_only_with_death(backend: Backend) {
-    let opts = crate::helpers::Options {
-        overrides: vec![
-            ("jobs.retry_base_ms", json!(1)),
-            ("jobs.retry_max_ms", json!(5)),
-        ],
-        ..Default::default()
-    };
-    let Some(app) = TestApp::spawn_with(backend, opts).await else {
+    let Some(app) = TestApp::spawn_with(backend, fast_retries()).await else {
         return;
     };
     let id = app
