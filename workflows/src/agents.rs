@@ -211,10 +211,10 @@ pub async fn release(db: &Db, task_id: &str, idx: i32, run: &str) -> Result<(), 
 /// Releases every hold of the task still pending: once the task is over, only an attempt that
 /// died mid-step can have left one.
 pub async fn release_pending(db: &Db, task_id: &str) -> Result<usize, DbError> {
-    let sql = "SELECT id FROM ledger_reservations WHERE job_id = $1 AND state = 'pending'";
-    let ids: Vec<String> = with_pool!(db, pool => {
-        sqlx::query_scalar(sql).bind(task_id).fetch_all(pool).await?
-    });
+    let ids = {
+        let mut tx = db.begin().await?;
+        ledger::pending_of_jobs(&mut tx, &[task_id.to_owned()]).await?
+    };
     let n = ids.len();
     let ops = ids
         .into_iter()

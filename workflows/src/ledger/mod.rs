@@ -418,6 +418,50 @@ pub(crate) async fn transfers_of_reservations(
     Ok(out)
 }
 
+/// Every hold still pending for these jobs: each job's own, and any its steps made (an agent
+/// task's) that a run which died mid-step left behind. In id order, the ledger's lock order.
+pub(crate) async fn pending_of_jobs(
+    tx: &mut Tx,
+    job_ids: &[String],
+) -> Result<Vec<String>, DbError> {
+    if job_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<String> = with_tx!(tx, conn => {
+        let mut qb = sqlx::QueryBuilder::new(
+            "SELECT id FROM ledger_reservations WHERE state = 'pending' AND job_id IN (",
+        );
+        let mut list = qb.separated(", ");
+        for id in job_ids {
+            list.push_bind(id);
+        }
+        qb.push(") ORDER BY id");
+        qb.build_query_scalar().fetch_all(&mut *conn).await?
+    });
+    Ok(ids)
+}
+
+/// The holds a job has made so far (one per run) and the largest of them: what a new run of
+/// the job holds again.
+pub(crate) async fn holds_of_job(tx: &mut Tx, job_id: &str) -> Result<(i64, i64), DbError> {
+    let sql =
+        "SELECT COUNT(*), COALESCE(MAX(amount), 0) FROM ledger_reservations WHERE job_id = $1";
+    let found: (i64, i64) = with_tx!(tx, conn => {
+        sqlx::query_as(sql).bind(job_id).fetch_one(&mut *conn).await?
+    });
+    Ok(found)
+}
+
+/// Postgres: the text of a query that locks, in id order, the reservations whose ids the
+/// query `ids` yields, and reads them (as [`Reservation`]s): a part of another capability's
+/// statement, so that its rows and the reservations they settle are locked in one round trip.
+pub(crate) fn pg_lock_reservations(ids: &str) -> String {
+    format!(
+        "SELECT {RESERVATION_COLUMNS} FROM ledger_reservations WHERE id = ANY(ARRAY({ids})) \
+         ORDER BY id FOR UPDATE"
+    )
+}
+
 /// A user's available and held credits.
 pub async fn balance(db: &Db, user_id: &str) -> Result<(i64, i64), DbError> {
     let (available, held) = (accounts::available(user_id), accounts::held(user_id));
