@@ -259,6 +259,18 @@ impl WorkerPool {
         let grace = Duration::from_secs(w.shutdown_timeout_secs);
         let stop = CancellationToken::new();
         pauses.watch(self.db.clone(), stop.clone());
+        // The cron schedules whose jobs this process runs (see `crate::cron`).
+        let schedules: Vec<_> = tally_workflows::cron::schedules(&self.cfg)
+            .map_err(|e| DbError::Queue(e.to_string()))?
+            .into_iter()
+            .filter(|s| w.queues.iter().any(|q| q == s.queue))
+            .collect();
+        let cron = tokio::spawn(crate::cron::run(
+            self.db.clone(),
+            schedules,
+            self.cfg.jobs.default_max_attempts,
+            stop.clone(),
+        ));
         let monitor = monitor.shutdown_timeout(grace).run_with_signal({
             let stop = stop.clone();
             async move {
@@ -311,6 +323,8 @@ impl WorkerPool {
             }
             () = drained => {}
         }
+        stop.cancel();
+        let _ = cron.await;
         tracing::info!("attempts finished; handing back what this worker still holds");
         let jobs = jobs::hand_back(&self.db, &self.name).await?;
         let tasks = queue::hand_back(&self.db, &holders).await?;
