@@ -28,16 +28,17 @@ pub async fn run(db: Db, schedules: Vec<Schedule>, max_attempts: u32, stop: Canc
         Ok(last) => last,
         Err(_) => return,
     };
+    // The ticks after `start` are the loop's: none falls between the catch-up and the loop.
+    let start = Utc::now();
     for s in &schedules {
         let stored = last.get(&s.name).map(|t| t.at_ms);
-        if let Some(tick) = cron::missed(s, stored, Utc::now()) {
+        if let Some(tick) = cron::missed(s, stored, start) {
             tracing::info!(schedule = %s.name, %tick, "enqueueing the latest tick missed while no process ran");
             if enqueue(&db, s, tick, max_attempts, &stop).await.is_err() {
                 return;
             }
         }
     }
-    let start = Utc::now();
     let mut next: Vec<Option<DateTime<Utc>>> = schedules.iter().map(|s| s.next_after(start)).collect();
     loop {
         let Some((i, at)) = next
