@@ -179,7 +179,11 @@ async fn a_missed_tick_runs_once_after_a_restart(backend: Backend) {
     // Time for a wrong second catch-up to show.
     tokio::time::sleep(Duration::from_millis(700)).await;
     stop(&mut worker).await;
-    let stored: Vec<i64> = ticks(&app, "sparse").await.into_iter().map(|t| t.0).collect();
+    let stored: Vec<i64> = ticks(&app, "sparse")
+        .await
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
     assert_eq!(
         stored,
         vec![first, missed_2],
@@ -215,9 +219,11 @@ async fn admins_see_the_schedules_and_cron_jobs_say_their_tick(backend: Backend)
         .await
     };
     let heartbeat = |v: &Value| v["schedules"][2].clone();
-    until("a heartbeat job that succeeded", Duration::from_secs(10), || async {
-        heartbeat(&get().await)["last_tick"]["status"] == "succeeded"
-    })
+    until(
+        "a heartbeat job that succeeded",
+        Duration::from_secs(10),
+        || async { heartbeat(&get().await)["last_tick"]["status"] == "succeeded" },
+    )
     .await;
     let v = get().await;
     let keys = |v: &Value| {
@@ -250,10 +256,7 @@ async fn admins_see_the_schedules_and_cron_jobs_say_their_tick(backend: Backend)
     let next = chrono::DateTime::parse_from_rfc3339(nightly["next_tick"].as_str().unwrap())
         .unwrap()
         .with_timezone(&chrono::Utc);
-    assert!(
-        matches!(chrono::Timelike::hour(&next), 0 | 1),
-        "{nightly}"
-    );
+    assert!(matches!(chrono::Timelike::hour(&next), 0 | 1), "{nightly}");
     let last = &heartbeat(&v)["last_tick"];
     assert_eq!(keys(last), ["at", "job_id", "status"], "{last}");
     let at = last["at"].as_str().expect("at");
@@ -266,7 +269,11 @@ async fn admins_see_the_schedules_and_cron_jobs_say_their_tick(backend: Backend)
         StatusCode::OK,
     )
     .await;
-    assert_eq!(job["cron"], json!({ "name": "heartbeat", "tick": at }), "{job}");
+    assert_eq!(
+        job["cron"],
+        json!({ "name": "heartbeat", "tick": at }),
+        "{job}"
+    );
     assert_eq!(job["kind"], "echo");
     until("the tick's job ran", Duration::from_secs(10), || async {
         let job = json_of(
@@ -330,7 +337,10 @@ async fn an_admin_lists_every_users_jobs(backend: Backend) {
         }
     };
     let admin = list(app.admin_key.clone()).await;
-    assert!(admin.iter().any(|j| j["id"] == mine.as_str()), "the user's job");
+    assert!(
+        admin.iter().any(|j| j["id"] == mine.as_str()),
+        "the user's job"
+    );
     let cron_jobs: Vec<&Value> = admin.iter().filter(|j| !j["cron"].is_null()).collect();
     assert!(!cron_jobs.is_empty(), "the platform's jobs: {admin:?}");
     assert!(cron_jobs.iter().all(|j| j["cron"]["name"] == "heartbeat"));

@@ -39,7 +39,8 @@ pub async fn run(db: Db, schedules: Vec<Schedule>, max_attempts: u32, stop: Canc
             }
         }
     }
-    let mut next: Vec<Option<DateTime<Utc>>> = schedules.iter().map(|s| s.next_after(start)).collect();
+    let mut next: Vec<Option<DateTime<Utc>>> =
+        schedules.iter().map(|s| s.next_after(start)).collect();
     loop {
         let Some((i, at)) = next
             .iter()
@@ -75,31 +76,31 @@ async fn enqueue(
     stop: &CancellationToken,
 ) -> Result<(), DbError> {
     let result = outage::retry("enqueueing a cron tick", stop, || {
-            let tick = s
-                .latest_at_or_before(Utc::now())
-                .map_or(at, |due| due.max(at));
-            async move {
-                cron::enqueue_tick(db, s, tick, max_attempts)
-                    .await
-                    .map(|job| (tick, job))
-            }
-        })
-        .await;
-        match result {
-            Ok((tick, Some(job_id))) => {
-                tracing::debug!(schedule = %s.name, %tick, %job_id, "cron tick enqueued");
-                Ok(())
-            }
-            Ok((tick, None)) => {
-                tracing::debug!(schedule = %s.name, %tick, "cron tick already claimed");
-                Ok(())
-            }
-            Err(e) if stop.is_cancelled() => Err(e),
-            Err(e) => {
-                // Not the database being away (that is retried above): the tick is skipped,
-                // and the next one tried as usual.
-                tracing::error!(schedule = %s.name, error = %e, "cron tick not enqueued; skipped");
-                Ok(())
-            }
+        let tick = s
+            .latest_at_or_before(Utc::now())
+            .map_or(at, |due| due.max(at));
+        async move {
+            cron::enqueue_tick(db, s, tick, max_attempts)
+                .await
+                .map(|job| (tick, job))
         }
+    })
+    .await;
+    match result {
+        Ok((tick, Some(job_id))) => {
+            tracing::debug!(schedule = %s.name, %tick, %job_id, "cron tick enqueued");
+            Ok(())
+        }
+        Ok((tick, None)) => {
+            tracing::debug!(schedule = %s.name, %tick, "cron tick already claimed");
+            Ok(())
+        }
+        Err(e) if stop.is_cancelled() => Err(e),
+        Err(e) => {
+            // Not the database being away (that is retried above): the tick is skipped,
+            // and the next one tried as usual.
+            tracing::error!(schedule = %s.name, error = %e, "cron tick not enqueued; skipped");
+            Ok(())
+        }
+    }
 }

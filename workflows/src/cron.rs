@@ -309,7 +309,10 @@ pub async fn last_ticks(db: &Db) -> Result<HashMap<String, LastTick>, DbError> {
 
 /// The tick each of these jobs was made for (those made by cron): `(schedule, tick ms)` by
 /// job id.
-pub async fn ticks_of(db: &Db, job_ids: &[&str]) -> Result<HashMap<String, (String, i64)>, DbError> {
+pub async fn ticks_of(
+    db: &Db,
+    job_ids: &[&str],
+) -> Result<HashMap<String, (String, i64)>, DbError> {
     if job_ids.is_empty() {
         return Ok(HashMap::new());
     }
@@ -374,7 +377,11 @@ pub async fn overview(db: &Db, schedules: &[Schedule]) -> Result<Vec<ScheduleVie
 
 /// The tick to enqueue at start for a schedule whose last stored tick is `last_ms`: the latest
 /// one due at `now`, if it is later (a missed tick runs once, however many were missed).
-pub fn missed(schedule: &Schedule, last_ms: Option<i64>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+pub fn missed(
+    schedule: &Schedule,
+    last_ms: Option<i64>,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
     let last_ms = last_ms?;
     let due = schedule.latest_at_or_before(now)?;
     (due.timestamp_millis() > last_ms).then_some(due)
@@ -407,8 +414,11 @@ mod tests {
 
     #[test]
     fn ticks_are_read_in_the_schedules_time_zone() {
-        let s = Schedule::parse(&entry("0 30 2 * * *", "Europe/Paris", "echo", json!({})), false)
-            .unwrap();
+        let s = Schedule::parse(
+            &entry("0 30 2 * * *", "Europe/Paris", "echo", json!({})),
+            false,
+        )
+        .unwrap();
         // 02:30 in Paris in winter is 01:30 UTC.
         assert_eq!(
             s.next_after(at("2026-12-02T00:00:00Z")),
@@ -435,7 +445,10 @@ mod tests {
         let s = Schedule::parse(&entry("*/10 * * * * *", "UTC", "echo", json!(1)), false).unwrap();
         let now = at("2026-12-02T10:00:35.5Z");
         let last = at("2026-12-02T09:00:00Z").timestamp_millis();
-        assert_eq!(missed(&s, Some(last), now), Some(at("2026-12-02T10:00:30Z")));
+        assert_eq!(
+            missed(&s, Some(last), now),
+            Some(at("2026-12-02T10:00:30Z"))
+        );
         let recent = at("2026-12-02T10:00:30Z").timestamp_millis();
         assert_eq!(missed(&s, Some(recent), now), None);
         assert_eq!(missed(&s, None, now), None);
@@ -449,7 +462,9 @@ mod tests {
         assert!(e(entry("0 * * * * *", "Mars/Olympus", "echo", json!(1))).contains("IANA"));
         assert!(e(entry("0 * * * * *", "UTC", "teleport", json!(1))).contains("unknown job kind"));
         assert!(e(entry("0 * * * * *", "UTC", "chat", json!({}))).contains("not by cron"));
-        assert!(e(entry("0 * * * * *", "UTC", "sleep", json!({"ms": "x"}))).starts_with("input.ms"));
+        assert!(
+            e(entry("0 * * * * *", "UTC", "sleep", json!({"ms": "x"}))).starts_with("input.ms")
+        );
         assert!(e(entry("0 0 0 1 1 * 2001", "UTC", "echo", json!(1))).contains("future"));
         let mut q = entry("0 * * * * *", "UTC", "echo", json!(1));
         q.queue = Some("nowhere".into());
