@@ -120,6 +120,22 @@ async fn one_job_per_tick_across_three_processes(backend: Backend) {
         (seen - seconds).abs() <= 1,
         "{seen} ticks in {seconds} s: {ticks:?}"
     );
+    // How late after its tick each job was made (printed for the record).
+    let late: Vec<i64> = tally_workflows::with_pool!(&app.db, pool => {
+        sqlx::query_scalar("SELECT created_at - tick_at FROM tally_cron_ticks WHERE name = $1")
+            .bind("heartbeat")
+            .fetch_all(pool)
+            .await
+            .expect("lateness")
+    });
+    assert!(late.iter().all(|ms| (0..5_000).contains(ms)), "{late:?}");
+    eprintln!(
+        "cron ({backend:?}): {seen} ticks in {seconds} s with 3 processes, {} jobs; \
+         job made {}..{} ms after its tick",
+        ticks.len(),
+        late.iter().min().unwrap_or(&0),
+        late.iter().max().unwrap_or(&0)
+    );
     // Exactly one job per tick, and no other job of the schedule.
     let jobs = platform_jobs(&app, "echo").await;
     assert_eq!(jobs.len(), ticks.len(), "one job per tick: {jobs:?}");
