@@ -15,8 +15,10 @@ use axum::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tally_workflows::{
+    cron,
     jobs::{self, Job, ListFilter, NewJob, Status},
     kinds,
+    users::{PLATFORM_USER_ID, Role},
 };
 
 use crate::{
@@ -132,9 +134,36 @@ async fn submit(
 /// The job with what it cost: credits held and settled, and the ledger transfers (each linking
 /// its log entry's inclusion proof). A free job costs nothing and needs no lookup.
 async fn with_cost(state: &AppState, job: &Job) -> Result<Value, ApiError> {
-    let mut view = job.view();
+    let ticks = cron_ticks(state, std::slice::from_ref(job)).await?;
+    let mut view = with_tick(job.view(), job, &ticks);
     view["cost"] = cost(state, job).await?;
     Ok(view)
+}
+
+/// The cron ticks that made these jobs, by job id. Only the platform's jobs can have one, so
+/// other users' lists and polls read nothing more.
+async fn cron_ticks(
+    state: &AppState,
+    page: &[Job],
+) -> Result<std::collections::HashMap<String, (String, i64)>, ApiError> {
+    let ids: Vec<&str> = page
+        .iter()
+        .filter(|j| j.user_id == PLATFORM_USER_ID)
+        .map(|j| j.id.as_str())
+        .collect();
+    Ok(cron::ticks_of(&state.db, &ids).await?)
+}
+
+/// A cron job's view gains `"cron": {"name", "tick"}`.
+fn with_tick(
+    mut view: Value,
+    job: &Job,
+    ticks: &std::collections::HashMap<String, (String, i64)>,
+) -> Value {
+    if let Some((name, tick)) = ticks.get(&job.id) {
+        view["cron"] = cron::tick_view(name, *tick);
+    }
+    view
 }
 
 /// What a job cost (`{"reserved", "settled", "transfers"}`).
@@ -207,9 +236,12 @@ async fn list(
         before,
         limit,
     };
-    let (page, next) = jobs::list(&state.db, &user.id, &filter).await?;
+    // An admin lists every user's jobs (the platform's cron jobs among them).
+    let owner = (user.role != Role::Admin).then_some(user.id.as_str());
+    let (page, next) = jobs::list(&state.db, owner, &filter).await?;
+    let ticks = cron_ticks(&state, &page).await?;
     Ok(Json(json!({
-        "jobs": page.iter().map(|j| j.view()).collect::<Vec<_>>(),
+        "jobs": page.iter().map(|j| with_tick(j.view(), j, &ticks)).collect::<Vec<_>>(),
         "next_cursor": next,
     })))
 }

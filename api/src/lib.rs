@@ -7,10 +7,12 @@
 //! - [`jobs`], [`chat`], [`images`], [`credits`], [`ledger`], [`models`], [`users`], [`health`]: one router per area, merged in
 //!   [`router`].
 //! - [`queues`]: the admin's view of the queues, and their pause switch.
+//! - [`cron`]: the admin's view of the cron schedules.
 
 pub mod auth;
 pub mod chat;
 pub mod credits;
+pub mod cron;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -119,6 +121,7 @@ pub fn router(state: AppState) -> Router {
         .merge(images::router())
         .merge(users::router())
         .merge(queues::router())
+        .merge(cron::router())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

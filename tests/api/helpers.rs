@@ -108,6 +108,11 @@ pub async fn fresh_database(backend: Backend) -> Option<String> {
     }
 }
 
+/// A cron expression with no tick during any test: the platform's reservation expiry
+/// schedule in tests, so its jobs never mix with a test's own (a test about expiry sets
+/// `ledger.expiry_schedule` itself).
+pub const NEVER: &str = "0 0 0 1 1 * 2099";
+
 /// Configuration for tests: fast polling, a short lease and short retry delays.
 pub fn test_config(url: &str, overrides: &[(&str, Value)]) -> Config {
     let mut o: BTreeMap<String, toml::Value> = BTreeMap::new();
@@ -124,6 +129,10 @@ pub fn test_config(url: &str, overrides: &[(&str, Value)]) -> Config {
     );
     o.insert("jobs.retry_base_ms".into(), toml::Value::Integer(100));
     o.insert("max_connections".into(), toml::Value::Integer(8));
+    o.insert(
+        "ledger.expiry_schedule".into(),
+        toml::Value::String(NEVER.into()),
+    );
     for (k, v) in overrides {
         let v: toml::Value =
             serde_json::from_value(v.clone()).expect("override is TOML-compatible");
@@ -487,6 +496,7 @@ pub async fn spawn_worker(
         .env("TALLY_WORKER__POLL_MS", "25")
         .env("TALLY_WORKER__LEASE_SECS", "3")
         .env("TALLY_JOBS__RETRY_BASE_MS", "100")
+        .env("TALLY_LEDGER__EXPIRY_SCHEDULE", NEVER)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     for (k, v) in extra_env {

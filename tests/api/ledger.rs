@@ -292,8 +292,13 @@ async fn credits_flow(backend: Backend) {
     app.stop().await;
 }
 
+/// Expiry is the platform's `ledger.expire` cron schedule, run by the worker pools.
 async fn reservations_expire(backend: Backend) {
-    let Some(app) = TestApp::spawn_api_only(backend).await else {
+    let opts = Options {
+        overrides: vec![("ledger.expiry_schedule", json!("* * * * * *"))],
+        ..Default::default()
+    };
+    let Some(app) = TestApp::spawn_with(backend, opts).await else {
         return;
     };
     let key = app.user_key.clone();

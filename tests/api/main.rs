@@ -8,6 +8,7 @@ mod agents;
 mod auth;
 mod chat;
 mod cli;
+mod cron;
 mod effects;
 mod images;
 mod inputs;

@@ -4,6 +4,8 @@
 //! - [`pool`]: one apalis worker per queue in this process, under one monitor and one shutdown
 //!   signal; on shutdown, hands back what it still holds.
 //! - [`context`]: what a running job sees: its id, progress reporting and the cancel check.
+//! - [`cron`]: the cron schedules of the queues this process serves: one job per tick across
+//!   processes.
 //! - [`kinds`]: one file per job kind.
 //! - [`pause`]: queues an admin paused: this process's worker for each fetches nothing.
 //! - [`poll`]: the interval at which an idle worker looks for tasks (apalis' own loses wake-ups).
@@ -11,6 +13,7 @@
 
 pub mod ai;
 pub mod context;
+pub mod cron;
 pub mod kinds;
 pub mod pause;
 pub mod poll;

@@ -259,6 +259,18 @@ impl WorkerPool {
         let grace = Duration::from_secs(w.shutdown_timeout_secs);
         let stop = CancellationToken::new();
         pauses.watch(self.db.clone(), stop.clone());
+        // The cron schedules whose jobs this process runs (see `crate::cron`).
+        let schedules: Vec<_> = tally_workflows::cron::schedules(&self.cfg)
+            .map_err(|e| DbError::Queue(e.to_string()))?
+            .into_iter()
+            .filter(|s| w.queues.iter().any(|q| q == s.queue))
+            .collect();
+        let cron = tokio::spawn(crate::cron::run(
+            self.db.clone(),
+            schedules,
+            self.cfg.jobs.default_max_attempts,
+            stop.clone(),
+        ));
         let monitor = monitor.shutdown_timeout(grace).run_with_signal({
             let stop = stop.clone();
             async move {
@@ -310,6 +322,11 @@ impl WorkerPool {
                 }
             }
             () = drained => {}
+        }
+        stop.cancel();
+        // The loop stops at its next await; a statement it has in flight is not waited for long.
+        if tokio::time::timeout(INTERRUPT_WAIT, cron).await.is_err() {
+            tracing::warn!("cron still enqueueing a tick at shutdown; left to the database");
         }
         tracing::info!("attempts finished; handing back what this worker still holds");
         let jobs = jobs::hand_back(&self.db, &self.name).await?;

@@ -52,6 +52,8 @@ pub struct Config {
     pub pricing: BTreeMap<String, i64>,
     pub ai: AiConfig,
     pub limits: LimitsConfig,
+    /// Schedules (`[[cron]]`): each makes one job per tick (see `workflows::cron`).
+    pub cron: Vec<crate::cron::CronConfig>,
 }
 
 /// Per-user concurrency limits, held across every process on the database (see
@@ -156,6 +158,9 @@ pub struct LedgerConfig {
     pub verifier_keys: Vec<String>,
     /// How often a signing process integrates new transfers into the log and signs a checkpoint.
     pub checkpoint_ms: u64,
+    /// When pending reservations past their time are released: the platform's `ledger.expire`
+    /// cron schedule (a cron expression with seconds, UTC).
+    pub expiry_schedule: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -261,6 +266,7 @@ impl Default for Config {
                 signing_key_file: None,
                 verifier_keys: Vec::new(),
                 checkpoint_ms: 250,
+                expiry_schedule: "*/5 * * * * *".to_owned(),
             },
             credits: CreditsConfig {
                 welcome_bonus: 1000,
@@ -275,6 +281,7 @@ impl Default for Config {
                 image_dir: None,
             },
             limits: LimitsConfig::default(),
+            cron: Vec::new(),
         }
     }
 }
@@ -441,6 +448,7 @@ impl Config {
         if let Err((key, why)) = crate::limits::Limits::check(&self.limits) {
             return Err(ConfigError::Invalid { key, why });
         }
+        crate::cron::schedules(self)?;
         let url = self.database_url();
         if !(url.starts_with("postgres://")
             || url.starts_with("postgresql://")

@@ -109,6 +109,7 @@ pub static REGISTRY: &[&Kind] = &[
     &crate::chat::KIND,
     &crate::images::KIND,
     &crate::agents::KIND,
+    &crate::ledger::log::EXPIRE,
 ];
 
 /// Every kind's name.

@@ -5,6 +5,8 @@
 //! - [`ai`]: the model catalog, prices, token estimates and users' model preferences.
 //! - [`batch`]: group commit: many callers' writes in one statement and one transaction.
 //! - [`chat`]: conversations and their messages; a question and its job commit together.
+//! - [`cron`]: schedules from the configuration and the platform's own; one job per tick,
+//!   claimed by a unique row written with the job.
 //! - [`config`]: the effective configuration (defaults, TOML file, `TALLY_*` environment, flags).
 //! - [`db`]: one connection pool on SQLite or Postgres, migrations, readiness; dialect
 //!   differences live here and nowhere else.
@@ -25,6 +27,7 @@ pub mod ai;
 pub mod batch;
 pub mod chat;
 pub mod config;
+pub mod cron;
 pub mod db;
 pub mod effects;
 pub mod images;

@@ -145,9 +145,14 @@ pub async fn authenticate(db: &Db, key: &str) -> Result<Option<User>, DbError> {
     row.map(to_user).transpose()
 }
 
+/// The platform's own user (made by a migration): an admin that owns the jobs cron makes, and
+/// holds no API key anyone can use.
+pub const PLATFORM_USER_ID: &str = "00000000-0000-0000-0000-000000000000";
+
+/// Whether an admin someone can log in as exists (the platform's own user does not count).
 pub async fn admin_exists(db: &Db) -> Result<bool, DbError> {
-    let sql = "SELECT COUNT(*) FROM users WHERE role = 'admin'";
-    let n: i64 = with_pool!(db, pool => sqlx::query_scalar(sql).fetch_one(pool).await?);
+    let sql = "SELECT COUNT(*) FROM users WHERE role = 'admin' AND id <> $1";
+    let n: i64 = with_pool!(db, pool => sqlx::query_scalar(sql).bind(PLATFORM_USER_ID).fetch_one(pool).await?);
     Ok(n > 0)
 }
 

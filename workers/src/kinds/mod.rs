@@ -8,6 +8,7 @@ mod chat;
 mod echo;
 mod fail;
 mod image;
+mod ledger_expire;
 mod sleep;
 
 use std::any::Any;
@@ -122,6 +123,7 @@ pub static RUNNERS: &[&dyn AnyRunner] = &[
     &chat::Chat,
     &image::ImageKind,
     &agent::Agent,
+    &ledger_expire::LedgerExpire,
 ];
 
 /// The runner of `kind`.

@@ -161,13 +161,21 @@ pub struct ListFilter {
     pub limit: u32,
 }
 
+/// Lists `user_id`'s jobs, or every user's with `None` (an admin's list).
 pub async fn list(
     db: &Db,
-    user_id: &str,
+    user_id: Option<&str>,
     f: &ListFilter,
 ) -> Result<(Vec<Job>, Option<String>), JobError> {
+    // Two statements rather than `($1 IS NULL OR user_id = $1)`, so a user's list keeps its
+    // plan on the user's index.
+    let owner = if user_id.is_some() {
+        "user_id = $1"
+    } else {
+        "$1 IS NULL"
+    };
     let sql = format!(
-        "SELECT {COLUMNS} FROM tally_jobs WHERE user_id = $1 \
+        "SELECT {COLUMNS} FROM tally_jobs WHERE {owner} \
          AND ($2 IS NULL OR status = $2) AND ($3 IS NULL OR kind = $3) AND ($4 IS NULL OR id < $4) \
          ORDER BY id DESC LIMIT $5"
     );

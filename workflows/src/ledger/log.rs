@@ -246,6 +246,19 @@ async fn read_nodes(tx: &mut Tx, ids: &[NodeId]) -> Result<HashMap<NodeId, Hash>
     Ok(out)
 }
 
+/// `ledger.expire`: releases the reservations whose time is up. The platform's cron schedule of
+/// the same name (`ledger.expiry_schedule`) makes one such job per tick, on the `system` queue;
+/// users cannot submit it.
+pub static EXPIRE: crate::kinds::Kind =
+    crate::kinds::Kind::new::<ExpireInput>("ledger.expire", "system")
+        .made_by("the platform's cron schedule ledger.expire");
+
+/// `ledger.expire` takes no input: `{}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpireInput {}
+impl crate::kinds::Input for ExpireInput {}
+
 /// Releases every pending reservation whose time is up (up to `max`). Returns how many.
 pub async fn expire_due(db: &Db, now: i64, max: usize) -> Result<usize, DbError> {
     let sql = "SELECT id FROM ledger_reservations WHERE state = 'pending' AND expires_at IS NOT NULL \
@@ -279,8 +292,9 @@ pub async fn expire_due(db: &Db, now: i64, max: usize) -> Result<usize, DbError>
         .count())
 }
 
-/// The ledger's background work in one process: expire reservations every second and, if it
-/// holds a signing key, integrate new transfers and sign a checkpoint every `checkpoint_ms`.
+/// The ledger's background work in one process: if it holds a signing key, integrate new
+/// transfers and sign a checkpoint every `checkpoint_ms`. (Reservations expire through the
+/// platform's `ledger.expire` cron schedule, not here: see [`EXPIRE`].)
 /// While the database is unreachable it waits longer between rounds (see [`crate::outage`]);
 /// it never ends on its own. Stops when `stop` is cancelled, after a last integration.
 pub fn spawn_maintenance(
@@ -292,7 +306,6 @@ pub fn spawn_maintenance(
     const BATCH: usize = 20_000;
     tokio::spawn(async move {
         let tick = Duration::from_millis(cfg.checkpoint_ms);
-        let mut last_expiry = 0i64;
         // Rounds in a row that could not reach the database.
         let mut failures = 0usize;
         loop {
@@ -319,14 +332,6 @@ pub fn spawn_maintenance(
                             break;
                         }
                     }
-                }
-            }
-            let now = now_ms();
-            if now - last_expiry >= 1000 {
-                last_expiry = now;
-                match expire_due(&db, now, 1000).await {
-                    Ok(_) => reached = true,
-                    Err(e) => failed("expiring reservations", &e),
                 }
             }
             let wait = if unreachable {
