@@ -2,7 +2,9 @@
 //! drain them with K `tally work` processes, then measure job submission through the HTTP API.
 //! `tally bench --ledger` measures the ledger instead (see `bench_ledger`), `tally bench --ai`
 //! chat jobs end to end (see `bench_ai`).
-//! Figures are printed; nothing is asserted.
+//! `--workers 1,2,4` repeats the jobs scenario per process count, each on a fresh database.
+//! Figures are printed as a table, or with `--json` as one JSON object per scenario on stdout
+//! (the table then goes to stderr); nothing is asserted.
 
 use std::{
     process::Stdio,
@@ -32,9 +34,10 @@ pub struct BenchArgs {
     /// Jobs to enqueue and drain per backend.
     #[arg(long, default_value_t = 20_000)]
     pub jobs: usize,
-    /// Worker processes that drain the queue.
-    #[arg(long, default_value_t = 2)]
-    pub workers: usize,
+    /// Worker processes that drain the queue; a comma-separated list (`1,2,4`) runs the
+    /// scenario once per count.
+    #[arg(long, value_delimiter = ',', default_value = "2")]
+    pub workers: Vec<usize>,
     /// Jobs run at once per worker process.
     #[arg(long, default_value_t = 2048)]
     pub concurrency: usize,
@@ -68,6 +71,58 @@ pub struct BenchArgs {
     /// With --ledger: group-commit shards (transactions in flight at once) on Postgres.
     #[arg(long, default_value_t = 4)]
     pub shards: usize,
+    /// One JSON object per scenario on stdout (one line each); the table goes to stderr.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BenchArgs {
+    /// Refuses an empty or zero `--workers`.
+    pub(crate) fn worker_counts(&self) -> Result<&[usize], CliError> {
+        if self.workers.is_empty() || self.workers.contains(&0) {
+            return Err(CliError::usage("--workers must list counts of at least 1"));
+        }
+        Ok(&self.workers)
+    }
+
+    /// Where the benchmark's figures go: the table, and with `--json` one line per scenario.
+    pub(crate) fn out(&self) -> Out {
+        Out { json: self.json }
+    }
+}
+
+/// Prints the benchmark's human table on stdout, or with `--json` on stderr while each
+/// scenario's figures go to stdout as one JSON object per line.
+#[derive(Clone, Copy)]
+pub(crate) struct Out {
+    json: bool,
+}
+
+impl Out {
+    /// A line of the human table (a header, a note).
+    pub fn text(&self, line: impl std::fmt::Display) {
+        if self.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+
+    /// One scenario's figures: its table row, and with `--json` its object on stdout.
+    pub fn scenario(&self, row: impl std::fmt::Display, figures: &impl serde::Serialize) {
+        self.text(row);
+        self.figures(figures);
+    }
+
+    /// One scenario's JSON line (with `--json`; nothing otherwise).
+    pub fn figures(&self, figures: &impl serde::Serialize) {
+        if self.json {
+            match serde_json::to_string(figures) {
+                Ok(line) => println!("{line}"),
+                Err(e) => eprintln!("cannot print the figures as JSON: {e}"),
+            }
+        }
+    }
 }
 
 pub(crate) struct Fresh {
@@ -143,44 +198,111 @@ pub async fn run(cfg: Config, args: BenchArgs) -> Result<(), CliError> {
     if args.ai {
         return crate::bench_ai::run(cfg, args).await;
     }
-    if args.jobs == 0 || args.workers == 0 {
-        return Err(CliError::usage("--jobs and --workers must be at least 1"));
+    let counts = args.worker_counts()?;
+    if args.jobs == 0 {
+        return Err(CliError::usage("--jobs must be at least 1"));
     }
-    println!(
+    let out = args.out();
+    out.text(format!(
         "tally bench: {} echo jobs, {} worker processes x concurrency {}, batch {}; HTTP {} s x {} connections",
         args.jobs,
-        args.workers,
+        list(counts),
         args.concurrency,
         args.batch,
         args.http_seconds,
         args.http_connections
-    );
-    println!(
-        "{:<9} {:>14} {:>14} {:>14} {:>12} {:>12}",
-        "backend", "enqueue/s", "drain/s", "http submit/s", "http p50 ms", "http p99 ms"
-    );
+    ));
+    out.text(format!(
+        "{:<9} {:>7} {:>14} {:>14} {:>14} {:>12} {:>12}",
+        "backend", "workers", "enqueue/s", "drain/s", "http submit/s", "http p50 ms", "http p99 ms"
+    ));
     for backend in &args.backends {
-        let fresh = fresh_database(backend, &args).await?;
-        let result = bench_backend(&cfg, &args, &fresh.url).await;
-        fresh.drop_database(&args).await;
-        let r = result?;
-        println!(
-            "{:<9} {:>14.0} {:>14.0} {:>14.0} {:>12.2} {:>12.2}",
-            backend, r.enqueue_per_s, r.drain_per_s, r.http_per_s, r.http_p50_ms, r.http_p99_ms
-        );
+        for (i, &workers) in counts.iter().enumerate() {
+            // HTTP submission does not depend on the worker count: measured once per backend.
+            let http = i == 0 && args.http_seconds > 0;
+            let fresh = fresh_database(backend, &args).await?;
+            let result = bench_backend(&cfg, &args, backend, &fresh.url, workers, http).await;
+            fresh.drop_database(&args).await;
+            let (echo, http) = result?;
+            let echo = EchoFigures {
+                backend: backend.clone(),
+                scenario: "echo",
+                jobs: args.jobs,
+                workers,
+                concurrency: args.concurrency,
+                batch: args.batch,
+                enqueue_per_s: echo.0.round(),
+                drain_per_s: echo.1.round(),
+            };
+            let http_columns = match &http {
+                Some(h) => format!(
+                    "{:>14.0} {:>12.2} {:>12.2}",
+                    h.submit_per_s, h.p50_ms, h.p99_ms
+                ),
+                None => format!("{:>14} {:>12} {:>12}", "-", "-", "-"),
+            };
+            out.scenario(
+                format!(
+                    "{:<9} {:>7} {:>14.0} {:>14.0} {http_columns}",
+                    backend, workers, echo.enqueue_per_s, echo.drain_per_s
+                ),
+                &echo,
+            );
+            if let Some(h) = http {
+                // Its figures are in the row above; only the JSON line is separate.
+                out.figures(&h);
+            }
+        }
     }
     Ok(())
 }
 
-struct Figures {
-    enqueue_per_s: f64,
-    drain_per_s: f64,
-    http_per_s: f64,
-    http_p50_ms: f64,
-    http_p99_ms: f64,
+/// `1,2,4`.
+pub(crate) fn list(counts: &[usize]) -> String {
+    counts
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
-async fn bench_backend(cfg: &Config, args: &BenchArgs, url: &str) -> Result<Figures, CliError> {
+/// The `echo` scenario's figures for one backend and one worker count.
+#[derive(serde::Serialize)]
+struct EchoFigures {
+    backend: String,
+    scenario: &'static str,
+    jobs: usize,
+    workers: usize,
+    concurrency: usize,
+    batch: usize,
+    enqueue_per_s: f64,
+    drain_per_s: f64,
+}
+
+/// HTTP submission's figures for one backend (`POST /v1/jobs` on the real router).
+#[derive(serde::Serialize)]
+struct HttpFigures {
+    backend: String,
+    scenario: &'static str,
+    connections: usize,
+    seconds: u64,
+    submitted: usize,
+    errors: u64,
+    submit_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Enqueues and drains `args.jobs` echo jobs with `workers` processes; then, if `http`, the
+/// HTTP submission load. Answers (enqueue/s, drain/s) and the HTTP figures.
+async fn bench_backend(
+    cfg: &Config,
+    args: &BenchArgs,
+    backend: &str,
+    url: &str,
+    workers: usize,
+    http: bool,
+) -> Result<((f64, f64), Option<HttpFigures>), CliError> {
     let db = Db::connect(url, 16).await?;
     db.migrate().await?;
     let user = users::create(&db, "bench@tally.local", Role::User, None).await?;
@@ -205,7 +327,7 @@ async fn bench_backend(cfg: &Config, args: &BenchArgs, url: &str) -> Result<Figu
 
     // Drain with K worker processes.
     let started = Instant::now();
-    let children = spawn_workers(args, url, "system", &[])?;
+    let children = spawn_workers(args, workers, url, "system", &[])?;
     loop {
         let done = jobs::count_by_status(&db, Status::Succeeded).await?;
         if done as usize >= args.jobs {
@@ -223,27 +345,22 @@ async fn bench_backend(cfg: &Config, args: &BenchArgs, url: &str) -> Result<Figu
     stop_workers(children).await;
 
     // HTTP submission against the real router on loopback (no workers running).
-    let (http_per_s, http_p50_ms, http_p99_ms) = if args.http_seconds > 0 {
-        http_load(cfg, args, db.clone(), &user.api_key).await?
+    let http = if http {
+        Some(http_load(cfg, args, backend, db.clone(), &user.api_key).await?)
     } else {
-        (0.0, 0.0, 0.0)
+        None
     };
     db.close().await;
-    Ok(Figures {
-        enqueue_per_s,
-        drain_per_s,
-        http_per_s,
-        http_p50_ms,
-        http_p99_ms,
-    })
+    Ok(((enqueue_per_s, drain_per_s), http))
 }
 
 async fn http_load(
     cfg: &Config,
     args: &BenchArgs,
+    backend: &str,
     db: Db,
     key: &str,
-) -> Result<(f64, f64, f64), CliError> {
+) -> Result<HttpFigures, CliError> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let stop_server = CancellationToken::new();
@@ -316,7 +433,17 @@ async fn http_load(
             .map(|&us| us as f64 / 1000.0)
             .unwrap_or(0.0)
     };
-    Ok((all.len() as f64 / elapsed, pct(0.5), pct(0.99)))
+    Ok(HttpFigures {
+        backend: backend.to_owned(),
+        scenario: "http submit",
+        connections: args.http_connections,
+        seconds: args.http_seconds,
+        submitted: all.len(),
+        errors,
+        submit_per_s: (all.len() as f64 / elapsed).round(),
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+    })
 }
 
 /// Keeps Postgres' planner statistics current while a benchmark runs: `ANALYZE` (with a small
@@ -343,17 +470,18 @@ pub(crate) fn keep_statistics_fresh(db: &Db) -> Option<tokio::task::JoinHandle<(
     }))
 }
 
-/// Starts `--workers` `tally work` processes on `queue`, with the bench's batch, concurrency and
+/// Starts `workers` `tally work` processes on `queue`, with the bench's batch, concurrency and
 /// a short poll; `env` adds to their environment.
 pub(crate) fn spawn_workers(
     args: &BenchArgs,
+    workers: usize,
     url: &str,
     queue: &str,
     env: &[(&str, &std::path::Path)],
 ) -> Result<Vec<tokio::process::Child>, CliError> {
     let exe = std::env::current_exe()?;
-    let mut children = Vec::with_capacity(args.workers);
-    for _ in 0..args.workers {
+    let mut children = Vec::with_capacity(workers);
+    for _ in 0..workers {
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.args([
             "work",

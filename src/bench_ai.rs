@@ -26,28 +26,59 @@ use crate::{bench::BenchArgs, cli::CliError};
 const PER_CONVERSATION: usize = 10;
 
 pub async fn run(cfg: Config, args: BenchArgs) -> Result<(), CliError> {
-    if args.jobs == 0 || args.workers == 0 || args.http_connections == 0 {
+    let counts = args.worker_counts()?;
+    if args.jobs == 0 || args.http_connections == 0 {
         return Err(CliError::usage(
-            "--jobs, --workers and --http-connections must be at least 1",
+            "--jobs and --http-connections must be at least 1",
         ));
     }
-    println!(
+    let out = args.out();
+    out.text(format!(
         "tally bench --ai: {} chat jobs over HTTP from {} connections, {} worker processes; provider on loopback answers at once",
-        args.jobs, args.http_connections, args.workers
-    );
-    println!(
-        "{:<9} {:>14} {:>20} {:>20}",
-        "backend", "chat jobs/s", "overhead p50 ms", "overhead p99 ms"
-    );
+        args.jobs,
+        args.http_connections,
+        crate::bench::list(counts)
+    ));
+    out.text(format!(
+        "{:<9} {:>7} {:>14} {:>20} {:>20}",
+        "backend", "workers", "chat jobs/s", "overhead p50 ms", "overhead p99 ms"
+    ));
     let provider = instant_provider().await?;
     for backend in &args.backends {
-        let fresh = crate::bench::fresh_database(backend, &args).await?;
-        let result = bench_backend(&cfg, &args, &fresh.url, &provider).await;
-        fresh.drop_database(&args).await;
-        let (per_s, p50, p99) = result?;
-        println!("{backend:<9} {per_s:>14.0} {p50:>20.2} {p99:>20.2}");
+        for &workers in counts {
+            let fresh = crate::bench::fresh_database(backend, &args).await?;
+            let result = bench_backend(&cfg, &args, workers, &fresh.url, &provider).await;
+            fresh.drop_database(&args).await;
+            let mut figures = result?;
+            figures.backend = backend.clone();
+            out.scenario(
+                format!(
+                    "{backend:<9} {workers:>7} {:>14.0} {:>20.2} {:>20.2}",
+                    figures.chat_per_s, figures.overhead_p50_ms, figures.overhead_p99_ms
+                ),
+                &figures,
+            );
+        }
     }
     Ok(())
+}
+
+/// The chat scenario's figures for one backend and one worker count.
+#[derive(serde::Serialize)]
+struct ChatFigures {
+    backend: String,
+    scenario: &'static str,
+    jobs: usize,
+    workers: usize,
+    connections: usize,
+    chat_per_s: f64,
+    /// One job at a time, submit to seen succeeded.
+    overhead_p50_ms: f64,
+    overhead_p99_ms: f64,
+    /// Medians of the one-at-a-time jobs' phases, from their stored timestamps.
+    submit_to_stored_ms: i64,
+    stored_to_claimed_ms: i64,
+    claimed_to_finished_ms: i64,
 }
 
 /// An OpenAI-compatible chat endpoint that answers at once.
@@ -75,9 +106,10 @@ async fn instant_provider() -> Result<String, CliError> {
 async fn bench_backend(
     base_cfg: &Config,
     args: &BenchArgs,
+    workers: usize,
     url: &str,
     provider: &str,
-) -> Result<(f64, f64, f64), CliError> {
+) -> Result<ChatFigures, CliError> {
     let mut cfg = base_cfg.clone();
     cfg.ai.providers = vec![ProviderConfig {
         name: "bench".to_owned(),
@@ -134,7 +166,8 @@ async fn bench_backend(
     }
     let ai = toml::to_string(&File { ai: &cfg.ai }).map_err(|e| CliError::other(e.to_string()))?;
     std::fs::write(&file, ai)?;
-    let children = crate::bench::spawn_workers(args, url, "ai", &[("TALLY_CONFIG", &file)])?;
+    let children =
+        crate::bench::spawn_workers(args, workers, url, "ai", &[("TALLY_CONFIG", &file)])?;
 
     // The API in this process.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -203,9 +236,9 @@ async fn bench_backend(
         v.sort_unstable();
         v[v.len() / 2]
     });
-    eprintln!(
+    args.out().text(format!(
         "  one job at a time, median ms: submit to stored {stored}, stored to claimed {claimed}, claimed to finished {ran}"
-    );
+    ));
 
     // Throughput: N questions from C connections, until every job has succeeded.
     let before = jobs::count_by_status(&db, Status::Succeeded).await? as usize;
@@ -277,7 +310,19 @@ async fn bench_backend(
     let _ = server.await;
     crate::bench::stop_workers(children).await;
     db.close().await;
-    Ok((per_s, p50, p99))
+    Ok(ChatFigures {
+        backend: String::new(),
+        scenario: "chat",
+        jobs: args.jobs,
+        workers,
+        connections: args.http_connections,
+        chat_per_s: per_s.round(),
+        overhead_p50_ms: (p50 * 100.0).round() / 100.0,
+        overhead_p99_ms: (p99 * 100.0).round() / 100.0,
+        submit_to_stored_ms: stored,
+        stored_to_claimed_ms: claimed,
+        claimed_to_finished_ms: ran,
+    })
 }
 
 async fn ask(

@@ -33,14 +33,15 @@ pub async fn run(cfg: Config, args: BenchArgs) -> Result<(), CliError> {
             "--transfers and --writers must be at least 1",
         ));
     }
-    println!(
+    let out = args.out();
+    out.text(format!(
         "tally bench --ledger: {} transfers per scenario, {} concurrent writers, {USERS} users, {} batch shards (Postgres)",
         args.transfers, args.writers, args.shards
-    );
-    println!(
+    ));
+    out.text(format!(
         "{:<9} {:<22} {:>12} {:>12} {:>14}",
         "backend", "scenario", "committed/s", "signed/s", "checkpoints"
-    );
+    ));
     for backend in &args.backends {
         let fresh = crate::bench::fresh_database(backend, &args).await?;
         let result = bench_backend(&cfg, &args, backend, &fresh.url).await;
@@ -132,13 +133,22 @@ async fn bench_backend(
         stop.cancel();
         let _ = signing.await;
         let checkpoints = count_checkpoints(&db).await? - checkpoints_before;
-        println!(
-            "{:<9} {:<22} {:>12.0} {:>12.0} {:>14}",
-            backend,
-            name,
-            n as f64 / committed,
-            n as f64 / signed,
-            checkpoints
+        let figures = TransferFigures {
+            backend: backend.to_owned(),
+            scenario: name,
+            transfers: n,
+            writers: args.writers,
+            shards: args.shards,
+            committed_per_s: (n as f64 / committed).round(),
+            signed_per_s: (n as f64 / signed).round(),
+            checkpoints,
+        };
+        args.out().scenario(
+            format!(
+                "{:<9} {:<22} {:>12.0} {:>12.0} {:>14}",
+                backend, name, figures.committed_per_s, figures.signed_per_s, checkpoints
+            ),
+            &figures,
         );
     }
 
@@ -147,15 +157,28 @@ async fn bench_backend(
     let verdict = log::verify(&db, vec![signer.verifier()], Some(origin), &mut |_, _| {}).await?;
     let secs = started.elapsed().as_secs_f64();
     match verdict {
-        Ok(report) => println!(
-            "{:<9} {:<22} {:>12.0} entries/s ({} entries, {} checkpoints, {:.2} s)",
-            backend,
-            "verify",
-            report.entries as f64 / secs,
-            report.entries,
-            report.checkpoints,
-            secs
-        ),
+        Ok(report) => {
+            let figures = VerifyFigures {
+                backend: backend.to_owned(),
+                scenario: "verify",
+                entries: report.entries,
+                checkpoints: report.checkpoints,
+                seconds: (secs * 1000.0).round() / 1000.0,
+                entries_per_s: (report.entries as f64 / secs).round(),
+            };
+            args.out().scenario(
+                format!(
+                    "{:<9} {:<22} {:>12.0} entries/s ({} entries, {} checkpoints, {:.2} s)",
+                    backend,
+                    "verify",
+                    figures.entries_per_s,
+                    report.entries,
+                    report.checkpoints,
+                    secs
+                ),
+                &figures,
+            );
+        }
         Err(f) => {
             return Err(CliError::other(format!(
                 "the benchmark ledger failed verification: {f}"
@@ -164,6 +187,30 @@ async fn bench_backend(
     }
     db.close().await;
     Ok(())
+}
+
+/// One transfer scenario's figures.
+#[derive(serde::Serialize)]
+struct TransferFigures {
+    backend: String,
+    scenario: &'static str,
+    transfers: usize,
+    writers: usize,
+    shards: usize,
+    committed_per_s: f64,
+    signed_per_s: f64,
+    checkpoints: i64,
+}
+
+/// The audit's figures.
+#[derive(serde::Serialize)]
+struct VerifyFigures {
+    backend: String,
+    scenario: &'static str,
+    entries: u64,
+    checkpoints: u64,
+    seconds: f64,
+    entries_per_s: f64,
 }
 
 /// Holds one credit of `user`'s: touches only that user's two accounts.

@@ -530,3 +530,162 @@ async fn the_platform_provider_lists_the_catalog() {
     signal(&serve, "TERM");
     assert!(serve.wait().await.unwrap().success());
 }
+
+/// Runs `tally bench --json` with `args` on `backend` and parses every stdout line as a JSON
+/// object; the human table goes to stderr.
+async fn bench_json(backend: Backend, admin_url: &str, args: &[&str]) -> Vec<Value> {
+    let name = match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    let (code, out, err) = output(tally().arg("bench").args(args).args([
+        "--backends",
+        name,
+        "--postgres-url",
+        admin_url,
+        "--json",
+    ]))
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("tally bench"),
+        "the table goes to stderr: {err}"
+    );
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect();
+    for line in &lines {
+        assert!(line.is_object(), "{line}");
+        assert_eq!(line["backend"], name, "{line}");
+    }
+    lines
+}
+
+async fn bench_prints_one_json_line_per_scenario(backend: Backend) {
+    // The benchmark creates its own databases next to this one (on Postgres, connected
+    // through it); on SQLite it is only a reachability check.
+    let Some(url) = fresh_database(backend).await else {
+        return;
+    };
+    let admin = match backend {
+        Backend::Sqlite => crate::helpers::pg_admin_url(),
+        Backend::Postgres => url,
+    };
+
+    // Jobs: one `echo` line per worker count, and HTTP submission once.
+    let lines = bench_json(
+        backend,
+        &admin,
+        &[
+            "--jobs",
+            "200",
+            "--workers",
+            "1,2",
+            "--concurrency",
+            "64",
+            "--batch",
+            "64",
+            "--http-seconds",
+            "1",
+            "--http-connections",
+            "4",
+        ],
+    )
+    .await;
+    let echo: Vec<&Value> = lines.iter().filter(|l| l["scenario"] == "echo").collect();
+    assert_eq!(echo.len(), 2, "{lines:?}");
+    for (line, workers) in echo.iter().zip([1, 2]) {
+        assert_eq!(line["workers"], workers, "{line}");
+        assert_eq!(line["jobs"], 200, "{line}");
+        assert!(line["enqueue_per_s"].as_f64().unwrap() > 0.0, "{line}");
+        assert!(line["drain_per_s"].as_f64().unwrap() > 0.0, "{line}");
+    }
+    let http: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["scenario"] == "http submit")
+        .collect();
+    assert_eq!(http.len(), 1, "{lines:?}");
+    assert!(
+        http[0]["submit_per_s"].as_f64().unwrap() > 0.0,
+        "{}",
+        http[0]
+    );
+    assert_eq!(http[0]["errors"], 0, "{}", http[0]);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+
+    // The ledger: three transfer scenarios and the audit.
+    let lines = bench_json(
+        backend,
+        &admin,
+        &["--ledger", "--transfers", "200", "--writers", "8"],
+    )
+    .await;
+    let scenarios: Vec<&str> = lines
+        .iter()
+        .map(|l| l["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        scenarios,
+        [
+            "accounts, batched",
+            "hot account, batched",
+            "accounts, 1 tx each",
+            "verify"
+        ]
+    );
+    for line in &lines[..3] {
+        assert_eq!(line["transfers"], 200, "{line}");
+        assert!(line["signed_per_s"].as_f64().unwrap() > 0.0, "{line}");
+    }
+    assert!(lines[3]["entries"].as_u64().unwrap() >= 600, "{}", lines[3]);
+
+    // Chat jobs end to end.
+    let lines = bench_json(
+        backend,
+        &admin,
+        &[
+            "--ai",
+            "--jobs",
+            "100",
+            "--workers",
+            "1",
+            "--http-connections",
+            "8",
+        ],
+    )
+    .await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["scenario"], "chat");
+    assert_eq!(lines[0]["jobs"], 100);
+    assert!(
+        lines[0]["chat_per_s"].as_f64().unwrap() > 0.0,
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[0]["overhead_p50_ms"].as_f64().unwrap() > 0.0,
+        "{}",
+        lines[0]
+    );
+}
+
+crate::both_backends!(bench_prints_one_json_line_per_scenario);
+
+#[tokio::test]
+async fn bench_refuses_bad_worker_counts() {
+    for workers in ["0", "1,0", "1,x", ""] {
+        let (code, out, err) = output(tally().args([
+            "bench",
+            "--workers",
+            workers,
+            "--backends",
+            "sqlite",
+            "--json",
+        ]))
+        .await;
+        assert_eq!(code, 2, "--workers {workers:?}: {err}");
+        assert!(err.contains("--workers"), "--workers {workers:?}: {err}");
+        assert!(out.is_empty(), "nothing on stdout: {out}");
+    }
+}
