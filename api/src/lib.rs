@@ -6,12 +6,14 @@
 //! - [`auth`]: bearer API keys → [`Caller`]; admin-only routes take [`Admin`].
 //! - [`jobs`], [`chat`], [`images`], [`credits`], [`ledger`], [`models`], [`users`], [`health`]: one router per area, merged in
 //!   [`router`].
+//! - [`events`]: live events (SSE) of one job and of all the caller's jobs, pushed.
 //! - [`queues`]: the admin's view of the queues, and their pause switch.
 
 pub mod auth;
 pub mod chat;
 pub mod credits;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod images;
@@ -92,6 +94,9 @@ impl AppState {
         // did, the offline models are the safe catalog (they never reach the network).
         let catalog = tally_workflows::ai::Catalog::from_config(&cfg.ai)
             .unwrap_or_else(|_| tally_workflows::ai::Catalog::offline());
+        let stopping = CancellationToken::new();
+        // On Postgres, this process' one listener for other processes' job changes.
+        tally_workflows::events::listen(&db, stopping.clone());
         AppState {
             db,
             catalog: Arc::new(catalog),
@@ -101,7 +106,7 @@ impl AppState {
             ledger,
             ledger_keys: Arc::new(ledger_keys),
             keys: Arc::default(),
-            stopping: CancellationToken::new(),
+            stopping,
         }
     }
 }
@@ -112,6 +117,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .merge(jobs::router())
+        .merge(events::router())
         .merge(credits::router())
         .merge(ledger::router())
         .merge(models::router())

@@ -91,7 +91,7 @@ pub struct Job {
     pub reservation_id: Option<String>,
 }
 
-const COLUMNS: &str = "id, user_id, kind, queue, input, priority, status, attempts, max_attempts, \
+pub(crate) const COLUMNS: &str = "id, user_id, kind, queue, input, priority, status, attempts, max_attempts, \
     progress, result, error, worker, cancel_requested, idempotency_key, request_hash, run_at, \
     created_at, started_at, finished_at, updated_at, reservation_id";
 
@@ -272,6 +272,10 @@ pub async fn submit_many(
     let mut tx = db.begin().await?;
     let out = submit_in(&mut tx, jobs).await?;
     tx.commit().await?;
+    crate::events::publish(out.iter().filter_map(|a| match a {
+        Ok((job, true)) => Some(job.id.as_str()),
+        _ => None,
+    }));
     Ok(out)
 }
 
@@ -597,6 +601,7 @@ pub async fn cancel(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
                 release_holds(&mut tx, std::slice::from_ref(&job.id), now).await?;
             }
             tx.commit().await?;
+            crate::events::publish([job.id.as_str()]);
             Ok(job)
         }
         None => {
@@ -712,6 +717,7 @@ pub async fn retry(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
     )
     .await?;
     tx.commit().await?;
+    crate::events::publish([job.id.as_str()]);
     Ok(job)
 }
 
@@ -808,6 +814,7 @@ pub async fn claim_many(
             qb.build_query_as().fetch_all(pool).await?
         }
     };
+    crate::events::publish(claimed.iter().map(|c| c.id.as_str()));
     let mut by_id: std::collections::HashMap<String, Claimed> =
         claimed.into_iter().map(|c| (c.id.clone(), c)).collect();
     let answers: Vec<Option<Claimed>> = ids.iter().map(|id| by_id.remove(id)).collect();
@@ -835,6 +842,7 @@ pub async fn claim_many(
         });
         release_holds(&mut tx, &ended, now).await?;
         tx.commit().await?;
+        crate::events::publish(ended);
     }
     Ok(ids
         .iter()
@@ -864,6 +872,9 @@ pub async fn report_progress(
         sqlx::query_scalar(sql).bind(id).bind(worker).bind(&text).bind(now_ms())
             .bind(Status::Running.as_str()).fetch_optional(pool).await?
     });
+    if flag.is_some() {
+        crate::events::publish([id]);
+    }
     Ok(flag.unwrap_or(true))
 }
 
@@ -1247,8 +1258,12 @@ pub async fn finish_many(
     for group in Rows::grouped(rows) {
         group.write(&mut tx).await?;
     }
+    let mut changed: Vec<String> = applied.keys().cloned().collect();
     if !follow_ups.is_empty() {
         for answer in submit_in(&mut tx, follow_ups).await? {
+            if let Ok((job, true)) = &answer {
+                changed.push(job.id.clone());
+            }
             if let Err(e) = answer {
                 // Only an idempotency conflict can refuse a free job.
                 tracing::error!(error = %e, "a follow-up job was not enqueued");
@@ -1276,6 +1291,7 @@ pub async fn finish_many(
         tokio::time::sleep(settle_pause).await;
     }
     tx.commit().await?;
+    crate::events::publish(changed);
     Ok(items
         .iter()
         .map(|c| {
@@ -1294,6 +1310,7 @@ pub async fn hand_back(db: &Db, worker: &str) -> Result<Vec<String>, DbError> {
     let ids: Vec<String> = with_pool!(db, pool => {
         sqlx::query_scalar(sql).bind(worker).bind(now_ms()).fetch_all(pool).await?
     });
+    crate::events::publish(ids.iter().map(String::as_str));
     Ok(ids)
 }
 
