@@ -9,6 +9,7 @@ mod auth;
 mod chat;
 mod cli;
 mod effects;
+mod events;
 mod images;
 mod inputs;
 mod jobs;
