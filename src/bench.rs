@@ -1,7 +1,8 @@
 //! `tally bench`: for each backend, enqueue N `echo` jobs (batched, one transaction per batch),
 //! drain them with K `tally work` processes, then measure job submission through the HTTP API.
 //! `tally bench --ledger` measures the ledger instead (see `bench_ledger`), `tally bench --ai`
-//! chat jobs end to end (see `bench_ai`).
+//! chat jobs end to end (see `bench_ai`), `tally bench --events` live events' latency (see
+//! `bench_events`).
 //! `--workers 1,2,4` repeats the jobs scenario per process count, each on a fresh database.
 //! Figures are printed as a table, or with `--json` as one JSON object per scenario on stdout
 //! (the table then goes to stderr); nothing is asserted.
@@ -62,6 +63,9 @@ pub struct BenchArgs {
     /// Measure chat jobs end to end (submit, run, store, settle) with an instant provider.
     #[arg(long, conflicts_with = "ledger")]
     pub ai: bool,
+    /// Measure how soon a job's end reaches an SSE client (pushed live events).
+    #[arg(long, conflicts_with_all = ["ledger", "ai"])]
+    pub events: bool,
     /// With --ledger: transfers per scenario.
     #[arg(long, default_value_t = 20_000)]
     pub transfers: usize,
@@ -197,6 +201,9 @@ pub async fn run(cfg: Config, args: BenchArgs) -> Result<(), CliError> {
     }
     if args.ai {
         return crate::bench_ai::run(cfg, args).await;
+    }
+    if args.events {
+        return crate::bench_events::run(cfg, args).await;
     }
     let counts = args.worker_counts()?;
     if args.jobs == 0 {

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_ai;
+mod bench_events;
 mod bench_ledger;
 mod cli;
 

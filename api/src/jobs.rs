@@ -1,15 +1,10 @@
-//! The job API: submit, poll, list, cancel, retry, and a live event stream.
-
-use std::{convert::Infallible, time::Duration};
+//! The job API: submit, poll, list, cancel, retry (a job's live events: [`crate::events`]).
 
 use axum::{
     Json, Router,
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode},
-    response::{
-        IntoResponse, Response,
-        sse::{Event, KeepAlive, Sse},
-    },
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
 use serde::Deserialize;
@@ -34,7 +29,6 @@ pub fn router() -> Router<AppState> {
         .route("/v1/jobs/{id}", get(show))
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/jobs/{id}/retry", post(retry))
-        .route("/v1/jobs/{id}/events", get(events))
 }
 
 #[derive(Deserialize)]
@@ -262,68 +256,4 @@ async fn retry(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let job = jobs::retry(&state.db, &id, &user).await?;
     Ok((StatusCode::ACCEPTED, Json(with_cost(&state, &job).await?)))
-}
-
-/// How often the event stream looks at the job.
-const EVENTS_POLL: Duration = Duration::from_millis(100);
-
-/// Server-sent events: a `status` event with the whole job each time it changes; the stream ends
-/// after the job reaches `succeeded`, `cancelled` or `dead`.
-async fn events(
-    State(state): State<AppState>,
-    Caller(user): Caller,
-    JobId(id): JobId,
-) -> Result<impl IntoResponse, ApiError> {
-    let first = jobs::get(&state.db, &id, &user).await?;
-    let stopping = state.stopping.clone();
-    struct Watch {
-        state: AppState,
-        user: tally_workflows::users::User,
-        id: String,
-        last: Option<(i64, String)>,
-        pending: Option<jobs::Job>,
-        done: bool,
-    }
-    let watch = Watch {
-        state,
-        user,
-        id,
-        last: None,
-        pending: Some(first),
-        done: false,
-    };
-    let stream = futures::stream::unfold(watch, |mut w| async move {
-        if w.done {
-            return None;
-        }
-        loop {
-            let job = match w.pending.take() {
-                Some(job) => Ok(job),
-                None => jobs::get(&w.state.db, &w.id, &w.user).await,
-            };
-            match job {
-                Ok(job) => {
-                    let seen = (job.updated_at, job.status.clone());
-                    if w.last.as_ref() != Some(&seen) {
-                        w.last = Some(seen);
-                        w.done = job.status().is_terminal();
-                        let event = Event::default()
-                            .event("status")
-                            .data(job.view().to_string());
-                        return Some((Ok::<_, Infallible>(event), w));
-                    }
-                }
-                Err(e) => {
-                    w.done = true;
-                    let event = Event::default()
-                        .event("error")
-                        .data(json!({ "detail": e.to_string() }).to_string());
-                    return Some((Ok(event), w));
-                }
-            }
-            tokio::time::sleep(EVENTS_POLL).await;
-        }
-    });
-    let stream = futures::StreamExt::take_until(stream, stopping.cancelled_owned());
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

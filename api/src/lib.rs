@@ -6,6 +6,7 @@
 //! - [`auth`]: bearer API keys → [`Caller`]; admin-only routes take [`Admin`].
 //! - [`jobs`], [`chat`], [`images`], [`credits`], [`ledger`], [`models`], [`users`], [`health`]: one router per area, merged in
 //!   [`router`].
+//! - [`events`]: live events (SSE) of one job and of all the caller's jobs, pushed.
 //! - [`queues`]: the admin's view of the queues, and their pause switch.
 //! - [`cron`]: the admin's view of the cron schedules.
 
@@ -14,6 +15,7 @@ pub mod chat;
 pub mod credits;
 pub mod cron;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod images;
@@ -94,6 +96,9 @@ impl AppState {
         // did, the offline models are the safe catalog (they never reach the network).
         let catalog = tally_workflows::ai::Catalog::from_config(&cfg.ai)
             .unwrap_or_else(|_| tally_workflows::ai::Catalog::offline());
+        let stopping = CancellationToken::new();
+        // On Postgres, this process' one listener for other processes' job changes.
+        tally_workflows::events::listen(&db, stopping.clone());
         AppState {
             db,
             catalog: Arc::new(catalog),
@@ -103,7 +108,7 @@ impl AppState {
             ledger,
             ledger_keys: Arc::new(ledger_keys),
             keys: Arc::default(),
-            stopping: CancellationToken::new(),
+            stopping,
         }
     }
 }
@@ -114,6 +119,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(health::router())
         .merge(jobs::router())
+        .merge(events::router())
         .merge(credits::router())
         .merge(ledger::router())
         .merge(models::router())
@@ -155,6 +161,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stopping = state.stopping.clone();
+    // No Nagle: an event stream writes one small frame per change, and without this the
+    // second of two frames waits for the client's delayed ACK (40 ms on Linux).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
             shutdown.await;

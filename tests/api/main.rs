@@ -10,6 +10,7 @@ mod chat;
 mod cli;
 mod cron;
 mod effects;
+mod events;
 mod images;
 mod inputs;
 mod jobs;

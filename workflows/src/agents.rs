@@ -100,6 +100,7 @@ pub async fn create(
             .execute(&mut *conn).await?;
     });
     tx.commit().await?;
+    crate::events::publish([job.id.as_str()]);
     Ok((task, job))
 }
 

@@ -255,6 +255,10 @@ pub async fn ask_many(
     let mut tx = db.begin().await?;
     let submitted = jobs::submit_in(&mut tx, jobs).await?;
     tx.commit().await?;
+    crate::events::publish(submitted.iter().filter_map(|a| match a {
+        Ok((job, true)) => Some(job.id.as_str()),
+        _ => None,
+    }));
     Ok(submitted
         .into_iter()
         .zip(asked)

@@ -179,6 +179,9 @@ pub struct CreditsConfig {
 pub struct ApiConfig {
     /// Largest request body accepted, in bytes.
     pub body_limit: usize,
+    /// How often an event stream looks at its jobs itself, in milliseconds: only the fallback
+    /// for a change it was not told about (changes are pushed; see `tally_workflows::events`).
+    pub events_poll_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -244,6 +247,7 @@ impl Default for Config {
             max_connections: 16,
             api: ApiConfig {
                 body_limit: 1024 * 1024,
+                events_poll_ms: 1000,
             },
             worker: WorkerConfig {
                 queues: QUEUES.iter().map(|q| q.to_string()).collect(),
@@ -404,6 +408,9 @@ impl Config {
         }
         if self.api.body_limit < 1024 {
             return invalid("api.body_limit", "must be at least 1024 bytes");
+        }
+        if self.api.events_poll_ms == 0 {
+            return invalid("api.events_poll_ms", "must be at least 1");
         }
         if self.credits.welcome_bonus < 0 {
             return invalid("credits.welcome_bonus", "must not be negative");

@@ -269,6 +269,7 @@ pub async fn enqueue_tick(
         None => return Err(DbError::Corrupt("submit answered nothing".into())),
     }
     tx.commit().await?;
+    crate::events::publish([job_id.as_str()]);
     Ok(Some(job_id))
 }
 

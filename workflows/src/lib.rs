@@ -10,6 +10,8 @@
 //! - [`config`]: the effective configuration (defaults, TOML file, `TALLY_*` environment, flags).
 //! - [`db`]: one connection pool on SQLite or Postgres, migrations, readiness; dialect
 //!   differences live here and nowhere else.
+//! - [`events`]: live events: which jobs changed, pushed after each commit (in-process
+//!   broadcast; Postgres LISTEN/NOTIFY across processes).
 //! - [`images`]: generated images: rows here, bytes in the image folder.
 //! - [`jobs`]: job records and their states; submission commits the record and its queue task in
 //!   one transaction.
@@ -30,6 +32,7 @@ pub mod config;
 pub mod cron;
 pub mod db;
 pub mod effects;
+pub mod events;
 pub mod images;
 pub mod jobs;
 pub mod kinds;

@@ -84,6 +84,7 @@ pub async fn claim_many(
             qb.build_query_as().fetch_all(pool).await?
         }
     };
+    crate::events::publish(claimed.iter().map(|c| c.id.as_str()));
     let mut by_id: std::collections::HashMap<String, Claimed> =
         claimed.into_iter().map(|c| (c.id.clone(), c)).collect();
     let answers: Vec<Option<Claimed>> = ids.iter().map(|id| by_id.remove(id)).collect();
@@ -111,6 +112,7 @@ pub async fn claim_many(
         });
         release_holds(&mut tx, &ended, now).await?;
         tx.commit().await?;
+        crate::events::publish(ended);
     }
     Ok(ids
         .iter()
@@ -140,6 +142,9 @@ pub async fn report_progress(
         sqlx::query_scalar(sql).bind(id).bind(worker).bind(&text).bind(now_ms())
             .bind(Status::Running.as_str()).fetch_optional(pool).await?
     });
+    if flag.is_some() {
+        crate::events::publish([id]);
+    }
     Ok(flag.unwrap_or(true))
 }
 
@@ -165,5 +170,6 @@ pub async fn hand_back(db: &Db, worker: &str) -> Result<Vec<String>, DbError> {
     let ids: Vec<String> = with_pool!(db, pool => {
         sqlx::query_scalar(sql).bind(worker).bind(now_ms()).fetch_all(pool).await?
     });
+    crate::events::publish(ids.iter().map(String::as_str));
     Ok(ids)
 }

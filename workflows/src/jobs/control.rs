@@ -38,6 +38,7 @@ pub async fn cancel(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
                 release_holds(&mut tx, std::slice::from_ref(&job.id), now).await?;
             }
             tx.commit().await?;
+            crate::events::publish([job.id.as_str()]);
             Ok(job)
         }
         None => {
@@ -129,6 +130,7 @@ pub async fn retry(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
     )
     .await?;
     tx.commit().await?;
+    crate::events::publish([job.id.as_str()]);
     Ok(job)
 }
 

@@ -380,8 +380,12 @@ pub async fn finish_many(
     for group in Rows::grouped(rows) {
         group.write(&mut tx).await?;
     }
+    let mut changed: Vec<String> = applied.keys().cloned().collect();
     if !follow_ups.is_empty() {
         for answer in submit_in(&mut tx, follow_ups).await? {
+            if let Ok((job, true)) = &answer {
+                changed.push(job.id.clone());
+            }
             if let Err(e) = answer {
                 // Only an idempotency conflict can refuse a free job.
                 tracing::error!(error = %e, "a follow-up job was not enqueued");
@@ -409,6 +413,7 @@ pub async fn finish_many(
         tokio::time::sleep(settle_pause).await;
     }
     tx.commit().await?;
+    crate::events::publish(changed);
     Ok(items
         .iter()
         .map(|c| {

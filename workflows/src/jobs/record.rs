@@ -80,7 +80,7 @@ pub struct Job {
     pub reservation_id: Option<String>,
 }
 
-pub(super) const COLUMNS: &str = "id, user_id, kind, queue, input, priority, status, attempts, max_attempts, \
+pub(crate) const COLUMNS: &str = "id, user_id, kind, queue, input, priority, status, attempts, max_attempts, \
     progress, result, error, worker, cancel_requested, idempotency_key, request_hash, run_at, \
     created_at, started_at, finished_at, updated_at, reservation_id";
 

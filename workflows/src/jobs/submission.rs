@@ -89,6 +89,10 @@ pub async fn submit_many(
     let mut tx = db.begin().await?;
     let out = submit_in(&mut tx, jobs).await?;
     tx.commit().await?;
+    crate::events::publish(out.iter().filter_map(|a| match a {
+        Ok((job, true)) => Some(job.id.as_str()),
+        _ => None,
+    }));
     Ok(out)
 }
 
