@@ -194,11 +194,7 @@ pub async fn finish_step(db: &Db, step: &Step, run: &str) -> Result<(), DbError>
 
 /// Releases the hold of a step that will not run (the task was cancelled or failed).
 pub async fn release(db: &Db, task_id: &str, idx: i32, run: &str) -> Result<(), DbError> {
-    let op = Op::Release {
-        id: reservation_id(task_id, idx, run),
-        expired: false,
-        owner: None,
-    };
+    let op = Op::release(reservation_id(task_id, idx, run));
     match ledger::run_one(db, op).await {
         Ok(_) | Err(LedgerError::NotFound) => Ok(()),
         Err(LedgerError::Db(e)) => Err(e),
@@ -217,14 +213,7 @@ pub async fn release_pending(db: &Db, task_id: &str) -> Result<usize, DbError> {
         ledger::pending_of_jobs(&mut tx, &[task_id.to_owned()]).await?
     };
     let n = ids.len();
-    let ops = ids
-        .into_iter()
-        .map(|id| Op::Release {
-            id,
-            expired: false,
-            owner: None,
-        })
-        .collect();
+    let ops = ids.into_iter().map(Op::release).collect();
     ledger::run(db, ops).await?;
     Ok(n)
 }

@@ -23,15 +23,7 @@ pub async fn cancel(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
          RETURNING {COLUMNS}"
     );
     let mut tx = db.begin().await?;
-    let job: Option<Job> = with_tx!(&mut tx, conn => {
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .bind(&caller.id)
-            .bind(caller.role == Role::Admin)
-            .bind(now)
-            .fetch_optional(&mut *conn)
-            .await?
-    });
+    let job = update_as_caller(&mut tx, sql, id, caller, now).await?;
     match job {
         Some(job) => {
             if job.status() == Status::Cancelled {
@@ -61,11 +53,7 @@ pub(super) async fn release_holds(
     let ops: Vec<Op> = ledger::pending_of_jobs(tx, job_ids)
         .await?
         .into_iter()
-        .map(|id| Op::Release {
-            id,
-            expired: false,
-            owner: None,
-        })
+        .map(Op::release)
         .collect();
     for answer in ledger::execute(tx, &ops, now).await? {
         if let Err(e) = answer {
@@ -73,6 +61,27 @@ pub(super) async fn release_holds(
         }
     }
     Ok(())
+}
+
+/// Runs `sql`, an update of job `id` (`$1`) if `caller` (`$2`, admin: `$3`) may change it, at
+/// `now` (`$4`), returning the job as it now is.
+async fn update_as_caller(
+    tx: &mut Tx,
+    sql: String,
+    id: &str,
+    caller: &User,
+    now: i64,
+) -> Result<Option<Job>, DbError> {
+    let job: Option<Job> = with_tx!(tx, conn => {
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .bind(&caller.id)
+            .bind(caller.role == Role::Admin)
+            .bind(now)
+            .fetch_optional(&mut *conn)
+            .await?
+    });
+    Ok(job)
 }
 
 /// Requeues a dead job with a fresh set of attempts.
@@ -84,15 +93,7 @@ pub async fn retry(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
          WHERE id = $1 AND (user_id = $2 OR $3) AND status = 'dead' RETURNING {COLUMNS}"
     );
     let mut tx = db.begin().await?;
-    let job: Option<Job> = with_tx!(&mut tx, conn => {
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .bind(&caller.id)
-            .bind(caller.role == Role::Admin)
-            .bind(now)
-            .fetch_optional(&mut *conn)
-            .await?
-    });
+    let job = update_as_caller(&mut tx, sql, id, caller, now).await?;
     let Some(mut job) = job else {
         drop(tx);
         let job = get(db, id, caller).await?;

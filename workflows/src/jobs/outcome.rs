@@ -355,13 +355,8 @@ pub async fn finish_many(
     }
 
     // A job that ended without success gives back every hold it still has.
-    for hold in ledger::pending_of_jobs(&mut tx, &ended).await? {
-        money.push(Op::Release {
-            id: hold,
-            expired: false,
-            owner: None,
-        });
-    }
+    let holds = ledger::pending_of_jobs(&mut tx, &ended).await?;
+    money.extend(holds.into_iter().map(Op::release));
     // SQLite: what the Postgres statement also did: a task is done when its attempt's outcome
     // was stored (or it ran no attempt).
     if let Tx::Sqlite(conn) = &mut tx {

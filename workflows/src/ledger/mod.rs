@@ -296,6 +296,17 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// Returns what reservation `id` holds (no owner check: the platform's own release).
+    pub fn release(id: String) -> Op {
+        Op::Release {
+            id,
+            expired: false,
+            owner: None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error(
