@@ -25,7 +25,7 @@ async fn app(backend: Backend, workers: bool) -> Option<TestApp> {
 }
 
 /// Reads `status` events from `resp` until `stop` says so or `limit` passes; returns them.
-async fn read_events(
+pub(crate) async fn read_events(
     resp: Response,
     limit: Duration,
     stop: impl Fn(&[Value]) -> bool,

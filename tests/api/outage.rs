@@ -11,8 +11,9 @@ use std::{
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+use crate::events::read_events;
 use crate::helpers::{
-    Options, TestApp, assert_problem, scratch_dir, signal, spawn_serve, spawn_worker,
+    Options, TestApp, assert_problem, json_of, scratch_dir, signal, spawn_serve, spawn_worker,
 };
 
 /// A Postgres server of the test's own: a fresh cluster in a temporary folder, on a free
@@ -243,7 +244,16 @@ async fn postgres_restart_under_load() {
     };
     let app = TestApp::spawn_at(cluster.url(), opts).await;
     app.grant(&app.user_id, GRANT).await;
-    let (mut serve, serve_url) = spawn_serve(&app.url, &[("TALLY_PRICING__SLEEP", "5")]).await;
+    // Its event streams' fallback poll is a minute: an event within seconds after the restart
+    // came through its listener, which had to reconnect.
+    let (mut serve, serve_url) = spawn_serve(
+        &app.url,
+        &[
+            ("TALLY_PRICING__SLEEP", "5"),
+            ("TALLY_API__EVENTS_POLL_MS", "60000"),
+        ],
+    )
+    .await;
     let mut workers = Vec::new();
     for _ in 0..3 {
         workers.push(
@@ -351,6 +361,37 @@ async fn postgres_restart_under_load() {
         "postgres restart: /readyz 200 {ready_after:?} and a new job succeeded {new_job_after:?} after the server started"
     );
     assert!(new_job_after < Duration::from_secs(5), "{new_job_after:?}");
+
+    // `tally serve` hears of a job a worker process ran after the restart: its listener is
+    // back (the stream's own poll would take a minute).
+    let resp = app
+        .client
+        .post(format!("{serve_url}/v1/jobs"))
+        .bearer_auth(&app.user_key)
+        .json(&json!({"kind": "sleep", "input": {"ms": 500}}))
+        .send()
+        .await
+        .expect("tally serve answers");
+    let job: Value = json_of(resp, StatusCode::ACCEPTED).await;
+    let id = job["id"].as_str().expect("id");
+    let followed = Instant::now();
+    let resp = app
+        .client
+        .get(format!("{serve_url}/v1/jobs/{id}/events"))
+        .bearer_auth(&app.user_key)
+        .send()
+        .await
+        .expect("the event stream opens");
+    let (events, ended) = read_events(resp, Duration::from_secs(15), |_| false).await;
+    assert!(ended, "the stream ends after the job's end: {events:?}");
+    assert_eq!(
+        events.last().map(|e| e["status"].clone()),
+        Some(json!("succeeded"))
+    );
+    eprintln!(
+        "postgres restart: a worker's job end reached tally serve's stream {:?} after it opened",
+        followed.elapsed()
+    );
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.cancel();
