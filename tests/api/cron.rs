@@ -154,6 +154,39 @@ async fn one_job_per_tick_across_three_processes(backend: Backend) {
     app.stop().await;
 }
 
+/// A schedule's own queue holds its jobs' retries too: a worker that serves only that queue
+/// runs a job that fails once to its success.
+async fn a_retry_stays_on_the_schedules_queue(backend: Backend) {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
+        return;
+    };
+    let schedule = CronConfig {
+        kind: "fail".into(),
+        input: json!({ "times": 1 }),
+        queue: Some("notify".into()),
+        ..every_second("flaky")
+    };
+    let file = config_file(&[schedule]);
+    let env = [
+        ("TALLY_CONFIG", file.to_str().expect("path")),
+        ("TALLY_WORKER__QUEUES", "notify"),
+        ("TALLY_JOBS__DEFAULT_MAX_ATTEMPTS", "3"),
+        ("TALLY_JOBS__RETRY_BASE_MS", "1"),
+        ("TALLY_JOBS__RETRY_MAX_MS", "5"),
+    ];
+    let (mut worker, _) = spawn_worker(&app.url, &env).await;
+    until("a flaky job that succeeded", Duration::from_secs(15), || async {
+        let jobs: Vec<(String, i32)> = tally_workflows::with_pool!(&app.db, pool => {
+            sqlx::query_as("SELECT queue, attempts FROM tally_jobs WHERE kind = 'fail' AND status = 'succeeded'")
+                .fetch_all(pool).await.expect("jobs")
+        });
+        jobs.iter().any(|(queue, attempts)| queue == "notify" && *attempts == 2)
+    })
+    .await;
+    stop(&mut worker).await;
+    app.stop().await;
+}
+
 /// A schedule whose ticks fall at three chosen seconds of each minute: the first runs, the
 /// other two pass while no process runs, and the restarted process runs the latest of them
 /// once (not both).
@@ -450,4 +483,5 @@ crate::both_backends!(
     admins_see_the_schedules_and_cron_jobs_say_their_tick,
     an_admin_lists_every_users_jobs,
     a_bad_schedule_stops_the_process_at_start,
+    a_retry_stays_on_the_schedules_queue,
 );

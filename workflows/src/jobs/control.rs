@@ -127,7 +127,13 @@ pub async fn retry(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
     }
     queue::push(
         &mut tx,
-        &[enqueue_of(&job.id, &job.kind, job.priority, now)?],
+        &[enqueue_of(
+            &job.id,
+            &job.kind,
+            &job.queue,
+            job.priority,
+            now,
+        )?],
     )
     .await?;
     tx.commit().await?;
@@ -135,19 +141,25 @@ pub async fn retry(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
     Ok(job)
 }
 
-/// The queue task for a job's next attempt (its queue follows from its kind).
+/// The queue task for a job's next attempt, on the queue the job was submitted to (a cron
+/// schedule may choose another than its kind's).
 pub(super) fn enqueue_of(
     id: &str,
     kind: &str,
+    queue: &str,
     priority: i32,
     run_at_ms: i64,
 ) -> Result<Enqueue, DbError> {
     let spec = crate::kinds::lookup(kind)
         .ok_or_else(|| DbError::Corrupt(format!("job {id} has unknown kind {kind:?}")))?;
+    let queue = crate::config::QUEUES
+        .into_iter()
+        .find(|known| *known == queue)
+        .unwrap_or(spec.queue);
     Ok(Enqueue {
         job_id: id.to_owned(),
         kind: kind.to_owned(),
-        queue: spec.queue,
+        queue,
         priority,
         run_at_ms,
     })

@@ -99,6 +99,7 @@ pub struct Completion {
 struct Applied {
     id: String,
     kind: String,
+    queue: String,
     priority: i32,
     run_at: i64,
     status: String,
@@ -172,7 +173,7 @@ pub async fn finish_many(
              finished_at = CASE WHEN tally_jobs.cancel_requested AND v.vstatus = 'failed' THEN {now} ELSE v.vfinished END, \
              result = v.vresult, error = v.verror, run_at = COALESCE(v.vrun_at, tally_jobs.run_at), updated_at = {now} \
              FROM v WHERE tally_jobs.id = v.vid AND tally_jobs.status = 'running' AND tally_jobs.worker = {worker} \
-             RETURNING tally_jobs.id, kind, priority, tally_jobs.run_at, status, reservation_id"
+             RETURNING tally_jobs.id, kind, tally_jobs.queue, priority, tally_jobs.run_at, status, reservation_id"
         )
     };
     let finished = |f: &Finish| {
@@ -208,7 +209,7 @@ pub async fn finish_many(
                  $9::text[])), u AS ({}, v.vtask), \
                  d AS ({}), \
                  r AS ({}) \
-                 SELECT u.id, u.kind, u.priority, u.run_at, u.status, u.reservation_id, \
+                 SELECT u.id, u.kind, u.queue, u.priority, u.run_at, u.status, u.reservation_id, \
                  r.user_id AS r_user_id, r.amount AS r_amount, r.settled AS r_settled, \
                  r.state AS r_state, r.job_id AS r_job_id, r.expires_at AS r_expires_at, \
                  r.created_at AS r_created_at, r.closed_at AS r_closed_at \
@@ -307,6 +308,7 @@ pub async fn finish_many(
         let Applied {
             id,
             kind,
+            queue,
             priority,
             run_at,
             status,
@@ -316,7 +318,7 @@ pub async fn finish_many(
         let status = Status::parse(&status)
             .ok_or_else(|| DbError::Corrupt(format!("job {id} has status {status:?}")))?;
         if status == Status::Failed {
-            pushes.push(enqueue_of(&id, &kind, priority, run_at)?);
+            pushes.push(enqueue_of(&id, &kind, &queue, priority, run_at)?);
         }
         // The job's credits move in the same transaction as its final state: the settlement's
         // ids derive from the job, so a second delivery or a rerun after a crash moves nothing.
