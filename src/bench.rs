@@ -288,7 +288,7 @@ struct EchoFigures {
 
 /// HTTP submission's figures for one backend (`POST /v1/jobs` on the real router).
 #[derive(serde::Serialize)]
-struct HttpFigures {
+pub(crate) struct HttpFigures {
     backend: String,
     scenario: &'static str,
     connections: usize,
@@ -302,7 +302,7 @@ struct HttpFigures {
 
 /// Enqueues and drains `args.jobs` echo jobs with `workers` processes; then, if `http`, the
 /// HTTP submission load. Answers (enqueue/s, drain/s) and the HTTP figures.
-async fn bench_backend(
+pub(crate) async fn bench_backend(
     cfg: &Config,
     args: &BenchArgs,
     backend: &str,

@@ -40,8 +40,14 @@ pub async fn run(cfg: Config, args: BenchArgs) -> Result<(), CliError> {
         crate::bench::list(counts)
     ));
     out.text(format!(
-        "{:<9} {:>7} {:>14} {:>20} {:>20}",
-        "backend", "workers", "chat jobs/s", "overhead p50 ms", "overhead p99 ms"
+        "{:<9} {:>7} {:>14} {:>20} {:>20} {:>14} {:>13}",
+        "backend",
+        "workers",
+        "chat jobs/s",
+        "overhead p50 ms",
+        "overhead p99 ms",
+        "echo drain/s",
+        "chat / echo"
     ));
     let provider = instant_provider().await?;
     for backend in &args.backends {
@@ -51,10 +57,23 @@ pub async fn run(cfg: Config, args: BenchArgs) -> Result<(), CliError> {
             fresh.drop_database(&args).await;
             let mut figures = result?;
             figures.backend = backend.clone();
+            // The echo drain of the same run, same jobs and worker processes: what a chat job
+            // costs against the engine's bare round trip.
+            let fresh = crate::bench::fresh_database(backend, &args).await?;
+            let echo =
+                crate::bench::bench_backend(&cfg, &args, backend, &fresh.url, workers, false).await;
+            fresh.drop_database(&args).await;
+            let ((_, drain_per_s), _) = echo?;
+            figures.echo_drain_per_s = drain_per_s.round();
+            figures.chat_vs_echo = (figures.chat_per_s / drain_per_s * 1000.0).round() / 1000.0;
             out.scenario(
                 format!(
-                    "{backend:<9} {workers:>7} {:>14.0} {:>20.2} {:>20.2}",
-                    figures.chat_per_s, figures.overhead_p50_ms, figures.overhead_p99_ms
+                    "{backend:<9} {workers:>7} {:>14.0} {:>20.2} {:>20.2} {:>14.0} {:>12.3}x",
+                    figures.chat_per_s,
+                    figures.overhead_p50_ms,
+                    figures.overhead_p99_ms,
+                    figures.echo_drain_per_s,
+                    figures.chat_vs_echo
                 ),
                 &figures,
             );
@@ -79,6 +98,10 @@ struct ChatFigures {
     submit_to_stored_ms: i64,
     stored_to_claimed_ms: i64,
     claimed_to_finished_ms: i64,
+    /// `echo` jobs drained per second by as many worker processes, in the same run.
+    echo_drain_per_s: f64,
+    /// `chat_per_s` over `echo_drain_per_s`.
+    chat_vs_echo: f64,
 }
 
 /// An OpenAI-compatible chat endpoint that answers at once.
@@ -322,6 +345,8 @@ async fn bench_backend(
         submit_to_stored_ms: stored,
         stored_to_claimed_ms: claimed,
         claimed_to_finished_ms: ran,
+        echo_drain_per_s: 0.0,
+        chat_vs_echo: 0.0,
     })
 }
 

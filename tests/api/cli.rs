@@ -668,6 +668,13 @@ async fn bench_prints_one_json_line_per_scenario(backend: Backend) {
         "{}",
         lines[0]
     );
+    let (chat, echo) = (
+        lines[0]["chat_per_s"].as_f64().unwrap(),
+        lines[0]["echo_drain_per_s"].as_f64().unwrap(),
+    );
+    assert!(echo > 0.0, "{}", lines[0]);
+    let ratio = lines[0]["chat_vs_echo"].as_f64().unwrap();
+    assert!((ratio - chat / echo).abs() < 0.01, "{}", lines[0]);
 }
 
 crate::both_backends!(bench_prints_one_json_line_per_scenario);
