@@ -347,6 +347,9 @@ async fn config_layers_and_redacts() {
     let (code, _, err) = output(tally().arg("config").env("TALLY_WORKER__CONCURRENCY", "0")).await;
     assert_eq!(code, 2);
     assert!(err.contains("worker.concurrency"), "{err}");
+    let (code, _, err) = output(tally().arg("config").env("TALLY_API__EVENTS_POLL_MS", "0")).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("api.events_poll_ms"), "{err}");
     let (code, _, err) = output(
         tally()
             .arg("config")
