@@ -58,23 +58,25 @@ pub async fn run(db: Db, schedules: Vec<Schedule>, max_attempts: u32, stop: Canc
             () = tokio::time::sleep(wait) => {}
         }
         let s = &schedules[i];
-        if enqueue(&db, s, at, max_attempts, &stop).await.is_err() {
+        let Ok(tick) = enqueue(&db, s, at, max_attempts, &stop).await else {
             return;
-        }
-        next[i] = s.next_after(at.max(Utc::now()));
+        };
+        // The tick after the one just handled: one that fell while it was enqueued (a slow
+        // database, an outage) is due at once, and runs once however many fell.
+        next[i] = s.next_after(tick);
     }
 }
 
 /// Enqueues the tick `at` of `s` (or, after an outage, the latest tick due by the time the
-/// database answers). Errors only when stopped; a tick refused for another reason is logged
-/// and skipped.
+/// database answers), and answer that tick. Errors only when stopped; a tick refused for
+/// another reason is logged and skipped.
 async fn enqueue(
     db: &Db,
     s: &Schedule,
     at: DateTime<Utc>,
     max_attempts: u32,
     stop: &CancellationToken,
-) -> Result<(), DbError> {
+) -> Result<DateTime<Utc>, DbError> {
     let result = outage::retry("enqueueing a cron tick", stop, || {
         let tick = s
             .latest_at_or_before(Utc::now())
@@ -89,18 +91,18 @@ async fn enqueue(
     match result {
         Ok((tick, Some(job_id))) => {
             tracing::debug!(schedule = %s.name, %tick, %job_id, "cron tick enqueued");
-            Ok(())
+            Ok(tick)
         }
         Ok((tick, None)) => {
             tracing::debug!(schedule = %s.name, %tick, "cron tick already claimed");
-            Ok(())
+            Ok(tick)
         }
         Err(e) if stop.is_cancelled() => Err(e),
         Err(e) => {
             // Not the database being away (that is retried above): the tick is skipped,
             // and the next one tried as usual.
             tracing::error!(schedule = %s.name, error = %e, "cron tick not enqueued; skipped");
-            Ok(())
+            Ok(at.max(Utc::now()))
         }
     }
 }

@@ -150,20 +150,27 @@ impl Schedule {
 
     /// The first tick strictly after `t`.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        // The crate steps in local wall-clock time: across a change of the clocks (a local
+        // time that happens twice) its next tick can be an instant before `t`. Compared in
+        // UTC, such a tick is passed over.
         self.cron
             .after(&t.with_timezone(&self.timezone))
-            .next()
-            .map(|t| t.with_timezone(&Utc))
+            .map(|u| u.with_timezone(&Utc))
+            .take(4)
+            .find(|u| *u > t)
     }
 
     /// The latest tick at or before `t`.
     pub fn latest_at_or_before(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        // Ticks fall on whole seconds; the iterator looks strictly before its start.
+        // Ticks fall on whole seconds; the iterator looks strictly before its start. As in
+        // `next_after`, a tick the local clock puts before `t` but UTC after it is passed over.
         let start = t + chrono::Duration::milliseconds(1);
         self.cron
             .after(&start.with_timezone(&self.timezone))
-            .next_back()
-            .map(|t| t.with_timezone(&Utc))
+            .rev()
+            .map(|u| u.with_timezone(&Utc))
+            .take(4)
+            .find(|u| *u <= t)
     }
 
     /// The id of the job of the tick at `tick_ms`: a UUIDv7 with the tick's time (so it sorts
@@ -470,6 +477,33 @@ mod tests {
         let mut q = entry("0 * * * * *", "UTC", "echo", json!(1));
         q.queue = Some("nowhere".into());
         assert!(e(q).contains("unknown queue"));
+    }
+
+    #[test]
+    fn ticks_across_a_change_of_the_clocks_stay_in_order() {
+        let s = Schedule::parse(
+            &entry("0 30 2 * * *", "Europe/Paris", "echo", json!({})),
+            false,
+        )
+        .unwrap();
+        // 2026-10-25: 02:30 in Paris happens at 00:30 UTC and again at 01:30 UTC.
+        for now in [
+            "2026-10-25T00:15:00Z",
+            "2026-10-25T00:45:00Z",
+            "2026-10-25T01:45:00Z",
+            "2026-03-29T00:45:00Z",
+            "2026-03-29T01:45:00Z",
+        ] {
+            let now = at(now);
+            let next = s.next_after(now).unwrap();
+            assert!(next > now, "next tick {next} after {now}");
+            let last = s.latest_at_or_before(now).unwrap();
+            assert!(last <= now, "latest tick {last} at or before {now}");
+            assert!(
+                next - now <= chrono::Duration::hours(25),
+                "{next} after {now}"
+            );
+        }
     }
 
     #[test]
