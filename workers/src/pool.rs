@@ -65,6 +65,8 @@ struct Runtime {
 
 /// How long interrupted attempts get to notice before the worker hands their jobs back anyway.
 const INTERRUPT_WAIT: Duration = Duration::from_secs(2);
+/// How long a stopping worker waits for an absent database to hand its jobs back.
+const HAND_BACK_WAIT: Duration = Duration::from_secs(5);
 
 /// Most claims or outcomes written in one statement.
 const MAX_BATCH: usize = 512;
@@ -92,6 +94,16 @@ impl WorkerPool {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), DbError> {
+        // One stop for every part; a shutdown that comes while the pools start stops the start
+        // too (a start waits out a database that is away, see below).
+        let stop = CancellationToken::new();
+        tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                shutdown.await;
+                stop.cancel();
+            }
+        });
         // Claims are bookkeeping: on Postgres they commit without waiting for the disk, in a
         // pool of their own (see `pg_bookkeeping_pool`).
         let claims_db = match &self.db {
@@ -160,11 +172,22 @@ impl WorkerPool {
         let missed = (w.lease_secs / heartbeat.as_secs()).max(1) as usize;
         let poll = Duration::from_millis(w.poll_ms);
         // Queues an admin paused: their apalis workers are paused too (see `crate::pause`).
-        let pauses = crate::pause::QueuePauses::load(
-            &self.db,
-            holders.iter().cloned().zip(w.queues.iter().cloned()),
-        )
-        .await?;
+        // Read while the database may be away (a restart as the process starts): waited for,
+        // like everything a worker reads, rather than ending the process.
+        let workers: Vec<(String, String)> = holders
+            .iter()
+            .cloned()
+            .zip(w.queues.iter().cloned())
+            .collect();
+        let pauses = match outage::retry("reading the paused queues", &stop, || {
+            crate::pause::QueuePauses::load(&self.db, workers.clone())
+        })
+        .await
+        {
+            Ok(pauses) => pauses,
+            Err(_) if stop.is_cancelled() => return Ok(()),
+            Err(e) => return Err(e),
+        };
         // A worker whose fetch or heartbeat failed (the database went away) starts again,
         // after a pause that grows while it keeps failing (see `restart`).
         let mut monitor = Monitor::new()
@@ -257,7 +280,6 @@ impl WorkerPool {
         // then whatever still runs is interrupted and handed back. Tally waits on its own
         // attempts rather than on the monitor, which may not drive a stopping worker's handlers.
         let grace = Duration::from_secs(w.shutdown_timeout_secs);
-        let stop = CancellationToken::new();
         pauses.watch(self.db.clone(), stop.clone());
         // The cron schedules whose jobs this process runs (see `crate::cron`).
         let schedules: Vec<_> = tally_workflows::cron::schedules(&self.cfg)
@@ -301,13 +323,6 @@ impl WorkerPool {
                 }
             }
         };
-        tokio::spawn({
-            let stop = stop.clone();
-            async move {
-                shutdown.await;
-                stop.cancel();
-            }
-        });
         tokio::select! {
             result = monitor => {
                 if let Err(e) = result {
@@ -329,9 +344,32 @@ impl WorkerPool {
             tracing::warn!("cron still enqueueing a tick at shutdown; left to the database");
         }
         tracing::info!("attempts finished; handing back what this worker still holds");
-        let jobs = jobs::hand_back(&self.db, &self.name).await?;
-        let tasks = queue::hand_back(&self.db, &holders).await?;
-        tracing::info!(worker = %self.name, handed_back_jobs = jobs.len(), handed_back_tasks = tasks, "worker pools stopped");
+        // The database may be away as the process stops: the hand-back waits for it a little,
+        // then leaves the jobs to their lease (another worker takes them when it runs out).
+        let given_up = CancellationToken::new();
+        let timer = tokio::spawn({
+            let given_up = given_up.clone();
+            async move {
+                tokio::time::sleep(HAND_BACK_WAIT).await;
+                given_up.cancel();
+            }
+        });
+        let handed = outage::retry("handing back running jobs", &given_up, || async {
+            let jobs = jobs::hand_back(&self.db, &self.name).await?;
+            let tasks = queue::hand_back(&self.db, &holders).await?;
+            Ok::<_, DbError>((jobs.len(), tasks))
+        })
+        .await;
+        timer.abort();
+        match handed {
+            Ok((jobs, tasks)) => {
+                tracing::info!(worker = %self.name, handed_back_jobs = jobs, handed_back_tasks = tasks, "worker pools stopped");
+            }
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(worker = %self.name, error = %e, "the database is away: running jobs are left to their lease");
+            }
+            Err(e) => return Err(e),
+        }
         Ok(())
     }
 }
