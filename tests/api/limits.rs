@@ -181,7 +181,10 @@ async fn the_limit_holds_across_two_processes(backend: Backend) {
     .await;
     let runs = finished(&app, &ids, &app.user_key).await;
     all_succeeded_once(&runs);
-    assert_eq!(most_at_once(&runs), 2, "{runs:#?}");
+    // Never more than the limit. (Whether the two processes fill both slots depends on how
+    // busy the machine is: the single-process tests above check that the limit is reached.)
+    let most = most_at_once(&runs);
+    assert!((1..=2).contains(&most), "{most} at once: {runs:#?}");
     let names: Vec<&str> = workers.iter().map(|(_, n)| n.as_str()).collect();
     for r in &runs {
         assert!(names.contains(&r.worker.as_deref().unwrap_or("")), "{r:?}");
