@@ -24,9 +24,18 @@ pub async fn run(db: Db, schedules: Vec<Schedule>, max_attempts: u32, stop: Canc
     let names: Vec<&str> = schedules.iter().map(|s| s.name.as_str()).collect();
     tracing::info!(schedules = ?names, "cron started");
     // A missed tick runs once.
-    let last = match outage::retry("reading cron ticks", &stop, || cron::last_ticks(&db)).await {
+    let last = match outage::retry("reading cron ticks", &stop, || {
+        cron::last_ticks(&db, &schedules)
+    })
+    .await
+    {
         Ok(last) => last,
-        Err(_) => return,
+        Err(e) => {
+            if !stop.is_cancelled() {
+                tracing::error!(error = %e, "cron cannot read its stored ticks; this process runs no schedule");
+            }
+            return;
+        }
     };
     // The ticks after `start` are the loop's: none falls between the catch-up and the loop.
     let start = Utc::now();

@@ -287,7 +287,7 @@ impl WorkerPool {
             .into_iter()
             .filter(|s| w.queues.iter().any(|q| q == s.queue))
             .collect();
-        let cron = tokio::spawn(crate::cron::run(
+        let mut cron = tokio::spawn(crate::cron::run(
             self.db.clone(),
             schedules,
             self.cfg.jobs.default_max_attempts,
@@ -340,7 +340,11 @@ impl WorkerPool {
         }
         stop.cancel();
         // The loop stops at its next await; a statement it has in flight is not waited for long.
-        if tokio::time::timeout(INTERRUPT_WAIT, cron).await.is_err() {
+        if tokio::time::timeout(INTERRUPT_WAIT, &mut cron)
+            .await
+            .is_err()
+        {
+            cron.abort();
             tracing::warn!("cron still enqueueing a tick at shutdown; left to the database");
         }
         tracing::info!("attempts finished; handing back what this worker still holds");

@@ -292,27 +292,33 @@ pub struct LastTick {
     pub at_ms: i64,
 }
 
-/// Each schedule's latest stored tick, by name.
-pub async fn last_ticks(db: &Db) -> Result<HashMap<String, LastTick>, DbError> {
-    // One index probe per schedule (the primary key's order); a tick whose job was deleted
+/// The latest stored tick of each of `schedules`, by name.
+pub async fn last_ticks(
+    db: &Db,
+    schedules: &[Schedule],
+) -> Result<HashMap<String, LastTick>, DbError> {
+    // One probe of the primary key's end per schedule (a handful): the ticks table keeps every
+    // tick, so a statement over all of it would grow with time. A tick whose job was deleted
     // shows the job as `deleted`.
-    let sql = "SELECT t.name, t.tick_at, t.job_id, j.status FROM tally_cron_ticks t \
+    let sql = "SELECT t.tick_at, t.job_id, j.status FROM tally_cron_ticks t \
                LEFT JOIN tally_jobs j ON j.id = t.job_id \
-               WHERE t.tick_at = (SELECT MAX(m.tick_at) FROM tally_cron_ticks m WHERE m.name = t.name)";
-    let rows: Vec<(String, i64, String, Option<String>)> =
-        with_pool!(db, pool => sqlx::query_as(sql).fetch_all(pool).await?);
-    Ok(rows
-        .into_iter()
-        .map(|(name, at_ms, job_id, status)| {
+               WHERE t.name = $1 ORDER BY t.tick_at DESC LIMIT 1";
+    let mut out = HashMap::new();
+    for s in schedules {
+        let row: Option<(i64, String, Option<String>)> = with_pool!(db, pool => {
+            sqlx::query_as(sql).bind(&s.name).fetch_optional(pool).await?
+        });
+        if let Some((at_ms, job_id, status)) = row {
             let tick = LastTick {
                 at: rfc3339(at_ms),
                 job_id,
                 status: status.unwrap_or_else(|| "deleted".to_owned()),
                 at_ms,
             };
-            (name, tick)
-        })
-        .collect())
+            out.insert(s.name.clone(), tick);
+        }
+    }
+    Ok(out)
 }
 
 /// The tick each of these jobs was made for (those made by cron): `(schedule, tick ms)` by
@@ -369,7 +375,7 @@ pub struct ScheduleView {
 
 /// Every schedule now, in order (the platform's first).
 pub async fn overview(db: &Db, schedules: &[Schedule]) -> Result<Vec<ScheduleView>, DbError> {
-    let mut last = last_ticks(db).await?;
+    let mut last = last_ticks(db, schedules).await?;
     let now = Utc::now();
     Ok(schedules
         .iter()
