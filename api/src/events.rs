@@ -1,6 +1,6 @@
 //! Live events over server-sent events: one job's (`GET /v1/jobs/{id}/events`) and all of the
 //! caller's jobs' (`GET /v1/events`). Both send a `status` event with the job's whole view each
-//! time it changes.
+//! time it changes: the view `GET /v1/jobs/{id}` answers, with its cost and cron tick.
 //!
 //! Changes are pushed (`tally_workflows::events`: an in-process broadcast fed after each
 //! commit, and on Postgres the `tally_jobs` notifications of every process). Each stream also
@@ -117,6 +117,7 @@ async fn job_events(
     let stopping = state.stopping.clone();
     let db = state.db.clone();
     let stream = async_stream::stream! {
+        let state = state;
         let mut sent: Option<String> = None;
         let mut next: Option<Job> = Some(first);
         loop {
@@ -125,16 +126,24 @@ async fn job_events(
                 None => jobs::get(&db, &id, &user).await,
             };
             match job {
-                Ok(job) => {
-                    let view = job.view().to_string();
-                    if sent.as_deref() != Some(view.as_str()) {
-                        yield Ok::<_, Infallible>(status_event(&view));
-                        if job.status().is_terminal() {
-                            break;
+                Ok(job) => match crate::jobs::full_view(&state, &job).await {
+                    Ok(view) => {
+                        let view = view.to_string();
+                        if sent.as_deref() != Some(view.as_str()) {
+                            yield Ok::<_, Infallible>(status_event(&view));
+                            if job.status().is_terminal() {
+                                break;
+                            }
+                            sent = Some(view);
                         }
-                        sent = Some(view);
                     }
-                }
+                    // Read again at the next wake, once the database answers.
+                    Err(e) if e.is_unavailable() => {}
+                    Err(e) => {
+                        yield Ok(error_event(&e));
+                        break;
+                    }
+                },
                 Err(e) if passing(&e) => {}
                 Err(e) => {
                     yield Ok(error_event(&e));
@@ -162,6 +171,7 @@ async fn user_events(
     let stopping = state.stopping.clone();
     let db = state.db.clone();
     let stream = async_stream::stream! {
+        let state = state;
         // The view last sent of each job changed lately (kept while the fallback poll may
         // read it again), so a job read twice is sent once.
         let mut sent: HashMap<String, (i64, String)> = HashMap::new();
@@ -169,7 +179,7 @@ async fn user_events(
         // changed since then, less `POLL_SLACK_MS`.
         let mut polled = tally_workflows::now_ms();
         let mut due = tokio::time::Instant::now() + poll;
-        loop {
+        'stream: loop {
             let read = match next_wake(&mut changes, due, |_| true).await {
                 Wake::Jobs(ids) => events::jobs_of(&db, &user.id, &ids).await,
                 Wake::Look => {
@@ -189,7 +199,16 @@ async fn user_events(
             };
             jobs.sort_by_key(|j| j.updated_at);
             for job in jobs {
-                let view = job.view().to_string();
+                let view = match crate::jobs::full_view(&state, &job).await {
+                    Ok(view) => view.to_string(),
+                    // The database went away between the two reads: this change is passed
+                    // over; the next one of the job is sent.
+                    Err(e) if e.is_unavailable() => continue,
+                    Err(e) => {
+                        yield Ok(error_event(&e));
+                        break 'stream;
+                    }
+                };
                 if sent.get(&job.id).is_some_and(|(_, v)| *v == view) {
                     continue;
                 }

@@ -10,7 +10,7 @@ use axum::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tally_workflows::{
-    cron,
+    DbError, cron,
     jobs::{self, Job, ListFilter, NewJob, Status},
     kinds,
     users::{PLATFORM_USER_ID, Role},
@@ -128,6 +128,11 @@ async fn submit(
 /// The job with what it cost: credits held and settled, and the ledger transfers (each linking
 /// its log entry's inclusion proof). A free job costs nothing and needs no lookup.
 async fn with_cost(state: &AppState, job: &Job) -> Result<Value, ApiError> {
+    Ok(full_view(state, job).await?)
+}
+
+/// A job's whole view, as `GET /v1/jobs/{id}` and the event streams show it.
+pub(crate) async fn full_view(state: &AppState, job: &Job) -> Result<Value, DbError> {
     let ticks = cron_ticks(state, std::slice::from_ref(job)).await?;
     let mut view = with_tick(job.view(), job, &ticks);
     view["cost"] = cost(state, job).await?;
@@ -139,7 +144,7 @@ async fn with_cost(state: &AppState, job: &Job) -> Result<Value, ApiError> {
 async fn cron_ticks(
     state: &AppState,
     page: &[Job],
-) -> Result<std::collections::HashMap<String, (String, i64)>, ApiError> {
+) -> Result<std::collections::HashMap<String, (String, i64)>, DbError> {
     let ids: Vec<&str> = page
         .iter()
         .filter(|j| j.user_id == PLATFORM_USER_ID)
@@ -161,7 +166,7 @@ fn with_tick(
 }
 
 /// What a job cost (`{"reserved", "settled", "transfers"}`).
-pub(crate) async fn cost(state: &AppState, job: &Job) -> Result<Value, ApiError> {
+pub(crate) async fn cost(state: &AppState, job: &Job) -> Result<Value, DbError> {
     Ok(if job.shows_cost() {
         tally_workflows::ledger::job_cost(&state.db, &job.id).await?
     } else {

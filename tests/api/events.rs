@@ -7,7 +7,7 @@ use futures::StreamExt;
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, Options, TestApp, assert_problem};
+use crate::helpers::{Backend, Options, TestApp, assert_problem, json_of};
 
 /// The fallback poll in these tests: far longer than any wait below.
 const SLOW_POLL: (&str, i64) = ("api.events_poll_ms", 60_000);
@@ -77,6 +77,14 @@ async fn pushed_job_end(backend: Backend) {
         events.iter().any(|e| e["status"] == "running"),
         "{events:?}"
     );
+    // The event is the job's whole view, as a poll answers it (its cost included).
+    let polled = json_of(
+        app.get(&app.user_key, &format!("/v1/jobs/{id}")).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(events.last(), Some(&polled));
+    assert_eq!(polled["cost"]["settled"], 0, "{polled}");
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "pushed, not found by the one-minute poll: {:?}",
