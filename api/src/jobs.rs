@@ -150,7 +150,7 @@ async fn cron_ticks(
         .filter(|j| j.user_id == PLATFORM_USER_ID)
         .map(|j| j.id.as_str())
         .collect();
-    Ok(cron::ticks_of(&state.db, &ids).await?)
+    cron::ticks_of(&state.db, &ids).await
 }
 
 /// A cron job's view gains `"cron": {"name", "tick"}`.
