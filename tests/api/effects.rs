@@ -1,5 +1,5 @@
 //! Effects of an outcome: follow-up jobs commit with the outcome they belong to, under ids
-//! derived from the job, and never twice (retries, a second delivery of the task, a replayed
+//! derived from the job, and never twice (retries, a second delivery of the outcome, a replayed
 //! submission of the same derived id).
 
 use std::time::Duration;
@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tally_workflows::{
     jobs::{self, NewJob, derived_id},
-    kinds, queue,
+    kinds,
 };
 
 use crate::{
@@ -104,40 +104,57 @@ async fn follow_ups_of_death_commit_only_with_death(backend: Backend) {
     app.stop().await;
 }
 
-/// The job's task delivered again after its outcome committed (as after a crash between the
-/// commit and anything that follows it): the claim refuses the finished job, so nothing runs
-/// and no follow-up is enqueued twice.
+/// An outcome delivered twice (its batch written again after the answer to its commit was
+/// lost, or a worker that outlived its lease writing after the job ran elsewhere): the job's
+/// row is its queue entry, so the outcome and the end of the queue entry are one write, and the
+/// second delivery finds the job no longer running under that worker: nothing is applied and
+/// its follow-up is not enqueued again. A finished job is never claimed again either.
 async fn a_second_delivery_enqueues_no_follow_up_again(backend: Backend) {
-    let Some(app) = TestApp::spawn(backend).await else {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
         return;
     };
     let id = app
         .submit(json!({"kind": "chain", "input": {"then": [{"kind": "echo"}]}}))
         .await;
-    app.wait_for(&id, &["succeeded"], WAIT).await;
-    let mut tx = app.db.begin().await.expect("begin");
-    queue::push(
-        &mut tx,
-        &[queue::Enqueue {
-            job_id: id.clone(),
-            kind: "chain".into(),
-            queue: "system",
-            priority: 0,
-            run_at_ms: 0,
-        }],
-    )
-    .await
-    .expect("push");
-    tx.commit().await.expect("commit");
-    // The redelivered task is taken and dropped.
-    let start = std::time::Instant::now();
-    while app.tasks_of(&id).await > 0 {
-        assert!(start.elapsed() < WAIT, "the task was not taken");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let none = tally_workflows::limits::Limits::none();
+    let claimed = jobs::claim_next(&app.db, "w:1", "system", 10, &none)
+        .await
+        .expect("claim");
+    let [claimed] = &claimed[..] else {
+        panic!("one job claimed: {claimed:?}");
+    };
+    assert_eq!(claimed.id, id);
+    let user_id = claimed.user_id.clone();
+    let finish = || {
+        let mut f = jobs::plan(claimed, jobs::Outcome::Succeeded(json!("done")), |_| {
+            Duration::from_secs(1)
+        });
+        f.on_success.follow_up(
+            "then/0",
+            NewJob::new(&user_id, &kinds::ECHO, json!("follow-up")),
+        );
+        f
+    };
+    let first = jobs::finish_many(&app.db, "w:1", vec![finish()], Duration::ZERO)
+        .await
+        .expect("first delivery");
+    assert_eq!(first, vec![jobs::Status::Succeeded]);
+    let again = jobs::finish_many(&app.db, "w:1", vec![finish(), finish()], Duration::ZERO)
+        .await
+        .expect("second delivery");
+    assert_eq!(again, vec![jobs::Status::Running; 2], "applied again");
+    let echoes = jobs_of_kind(&app, "echo").await;
+    assert_eq!(echoes.len(), 1, "{echoes:?}");
+    assert_eq!(echoes[0]["id"], derived_id(&id, "then/0"));
     let job = app.job(&id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["attempts"], 1, "{job}");
-    assert_eq!(jobs_of_kind(&app, "echo").await.len(), 1);
+    // The finished job is not the queue's any more; the follow-up is.
+    let next = jobs::claim_next(&app.db, "w:2", "system", 10, &none)
+        .await
+        .expect("claim");
+    let ids: Vec<&str> = next.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, vec![derived_id(&id, "then/0").as_str()]);
     app.stop().await;
 }
 
@@ -175,7 +192,11 @@ async fn a_derived_id_is_submitted_once(backend: Backend) {
         assert_eq!(job.id, fid);
     }
     assert_eq!(jobs_of_kind(&app, "echo").await.len(), 2);
-    assert_eq!(app.tasks_of(&fid).await, 1, "one task for the derived job");
+    assert_eq!(
+        app.tasks_of(&fid).await,
+        1,
+        "one queue entry for the derived job"
+    );
     app.stop().await;
 }
 

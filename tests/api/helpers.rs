@@ -384,34 +384,33 @@ impl TestApp {
         }
     }
 
-    /// The queue tasks (apalis' rows) still stored for job `id`, in any state.
+    /// Whether job `id` is in its queue (1) or not (0): a job's row is its queue entry while
+    /// it is `queued`, or `failed` awaiting its retry.
     pub async fn tasks_of(&self, id: &str) -> i64 {
-        // The payload is the job reference as JSON: `{"job_id":"..."}`.
-        self.count_tasks(&format!("%\"{id}\"%")).await
+        self.count_waiting(
+            "SELECT COUNT(*) FROM tally_jobs WHERE id = $1 AND status IN ('queued', 'failed')",
+            Some(id),
+        )
+        .await
     }
 
-    /// All the queue tasks stored, in any state.
+    /// All the jobs waiting in a queue.
     pub async fn queue_size(&self) -> i64 {
-        self.count_tasks("%").await
+        self.count_waiting(
+            "SELECT COUNT(*) FROM tally_jobs WHERE status IN ('queued', 'failed')",
+            None,
+        )
+        .await
     }
 
-    async fn count_tasks(&self, payload_like: &str) -> i64 {
-        match &self.db {
-            Db::Postgres(pool) => sqlx::query_scalar(
-                "SELECT COUNT(*) FROM apalis.jobs WHERE convert_from(job, 'UTF8') LIKE $1",
-            )
-            .bind(payload_like)
-            .fetch_one(pool)
-            .await
-            .expect("count tasks"),
-            Db::Sqlite(pool) => {
-                sqlx::query_scalar("SELECT COUNT(*) FROM Jobs WHERE CAST(job AS TEXT) LIKE $1")
-                    .bind(payload_like)
-                    .fetch_one(pool)
-                    .await
-                    .expect("count tasks")
+    async fn count_waiting(&self, sql: &'static str, id: Option<&str>) -> i64 {
+        tally_workflows::with_pool!(&self.db, pool => {
+            let mut q = sqlx::query_scalar(sql);
+            if let Some(id) = id {
+                q = q.bind(id);
             }
-        }
+            q.fetch_one(pool).await.expect("count waiting jobs")
+        })
     }
 
     /// Creates another ordinary user and returns their key.

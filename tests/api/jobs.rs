@@ -452,39 +452,32 @@ async fn failure_after_cancel_request_is_final(backend: Backend) {
     let id = app
         .submit(json!({"kind": "fail", "input": {"times": 3}}))
         .await;
-    let claimed = tally_workflows::jobs::claim_many(
+    let claimed = tally_workflows::jobs::claim_next(
         &app.db,
         "w:1",
-        std::slice::from_ref(&id),
+        "system",
+        10,
         &tally_workflows::limits::Limits::none(),
     )
     .await
     .unwrap();
-    let Some(tally_workflows::jobs::Claim::Run(claimed)) = claimed.into_iter().next() else {
-        panic!("claimed");
+    let [claimed] = &claimed[..] else {
+        panic!("one job claimed: {claimed:?}");
     };
+    assert_eq!(claimed.id, id);
     let resp = app
         .post(&app.user_key, &format!("/v1/jobs/{id}/cancel"), json!({}))
         .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let finish = tally_workflows::jobs::plan(
-        &claimed,
+        claimed,
         tally_workflows::jobs::Outcome::Failed("boom".into()),
         |_| Duration::from_secs(1),
     );
-    let done = tally_workflows::jobs::finish_many(
-        &app.db,
-        "w:1",
-        &["w:1/system".to_owned()],
-        vec![tally_workflows::jobs::Completion {
-            task_id: "none".into(),
-            finish: Some(finish),
-        }],
-        Duration::ZERO,
-    )
-    .await
-    .unwrap();
-    assert_eq!(done[0], Some(tally_workflows::jobs::Status::Cancelled));
+    let done = tally_workflows::jobs::finish_many(&app.db, "w:1", vec![finish], Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(done[0], tally_workflows::jobs::Status::Cancelled);
     let job = app.job(&id).await;
     assert_eq!(job["status"], "cancelled", "{job}");
     assert!(job["finished_at"].is_string());

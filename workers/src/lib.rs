@@ -8,8 +8,9 @@
 //!   processes.
 //! - [`kinds`]: one file per job kind.
 //! - [`pause`]: queues an admin paused: this process's worker for each fetches nothing.
-//! - [`poll`]: the interval at which an idle worker looks for tasks (apalis' own loses wake-ups).
-//! - [`restart`]: a queue's worker starts again, after a growing pause, when its backend failed.
+//! - [`poll`]: when an idle worker looks for jobs again: its interval, or a wake-up.
+//! - [`queue`]: a queue's apalis backend: its fetch claims the queue's next job rows.
+//! - [`restart`]: a queue's worker that failed starts again.
 
 pub mod ai;
 pub mod context;
@@ -18,6 +19,7 @@ pub mod kinds;
 pub mod pause;
 pub mod poll;
 pub mod pool;
+pub mod queue;
 pub mod restart;
 
 pub use pool::{WorkerPool, worker_name};

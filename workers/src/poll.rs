@@ -1,13 +1,12 @@
-//! The interval at which an idle worker looks for new tasks.
+//! When an idle queue worker looks for jobs again: every interval, and at once when new jobs
+//! may be there. On Postgres it listens on [`tally_workflows::jobs::WAKE_CHANNEL`] for its
+//! queue's name (sent by the statement that inserts jobs, and by hand-backs and rescues), and
+//! on SQLite it watches for commits ([`SqliteCommits`]), so an idle worker starts a new job as
+//! soon as it is committed rather than at its next poll.
 //!
-//! apalis 1.0's `IntervalStrategy` loses its wake-up: when its timer has fired, it arms the next
-//! one without polling it, so no waker is registered. If the fetch that follows comes back
-//! empty, nothing wakes the worker until its next heartbeat (`worker.lease_secs / 3`, 10 s by
-//! default): a queue that goes idle and gets one new task could leave it waiting that long.
 //! [`Every`] polls each new timer at once, so an idle worker always looks again one interval
-//! later. On Postgres it also listens for apalis' notification of each new task, and on SQLite
-//! it watches for commits ([`SqliteCommits`]), so an idle worker starts a new task as soon as
-//! it is committed rather than at its next poll.
+//! later (apalis 1.0's own `IntervalStrategy` armed its next timer without polling it, and a
+//! worker whose fetch came back empty could sleep until its next heartbeat).
 
 use std::{
     pin::Pin,
@@ -15,11 +14,10 @@ use std::{
     time::Duration,
 };
 
-use apalis::prelude::{PollSnapshot, PollStrategy};
 use futures::Stream;
 use tokio::time::{Instant, Sleep};
 
-/// Something that signals new tasks (Postgres' `LISTEN` on apalis' insert notifications).
+/// Something that signals new jobs (Postgres' `LISTEN` on the queue's wake-ups).
 pub type WakeStream = Pin<Box<dyn Stream<Item = ()> + Send + Sync>>;
 
 /// Wakes the worker every `interval`, and at once whenever `wake` yields.
@@ -44,10 +42,10 @@ impl Every {
         self.wake = Some(wake);
         self
     }
-}
 
-impl PollStrategy for Every {
-    fn poll_drive(&mut self, cx: &mut Context<'_>, _: &PollSnapshot) -> Poll<Option<()>> {
+    /// Ready when the worker should look for jobs: its interval passed since it last looked,
+    /// or a signal came. Registers `cx`'s waker on both otherwise.
+    pub fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         // Every signal waiting is taken: one fetch answers them all.
         let mut woken = false;
         while let Some(wake) = self.wake.as_mut() {
@@ -55,7 +53,7 @@ impl PollStrategy for Every {
                 Poll::Ready(Some(())) => woken = true,
                 Poll::Ready(None) => {
                     tracing::warn!(
-                        "the worker's task notifications stopped; it polls every {:?} instead",
+                        "the worker's wake-ups stopped; it polls every {:?} instead",
                         self.interval
                     );
                     self.wake = None;
@@ -75,7 +73,7 @@ impl PollStrategy for Every {
             woken = true;
         }
         if woken {
-            Poll::Ready(Some(()))
+            Poll::Ready(())
         } else {
             Poll::Pending
         }
@@ -182,14 +180,14 @@ impl SqliteCommits {
     }
 }
 
-/// Postgres' wake-ups for the workers of `queue`: apalis' trigger sends an
-/// `apalis::job::insert` notification for every new task, heard here on a listening
-/// connection of `pool`'s. When that connection is lost (the server restarted), the listener
+/// Postgres' wake-ups for the workers of `queue`: a notification on
+/// [`tally_workflows::jobs::WAKE_CHANNEL`] whose payload is the queue's name, heard here on a
+/// listening connection of `pool`'s. When that connection is lost (the server restarted), the listener
 /// listens again on a new one, waiting longer after each failure in a row
 /// ([`tally_workflows::outage::backoff`]); meanwhile the workers poll at their interval. It
 /// never stops on its own: it ends when the returned stream is dropped (its worker stopped).
-pub fn pg_task_inserts(pool: sqlx::PgPool, queue: String) -> WakeStream {
-    const CHANNEL: &str = "apalis::job::insert";
+pub fn pg_queue_wakes(pool: sqlx::PgPool, queue: String) -> WakeStream {
+    const CHANNEL: &str = tally_workflows::jobs::WAKE_CHANNEL;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
         use tally_workflows::outage;
@@ -218,9 +216,7 @@ pub fn pg_task_inserts(pool: sqlx::PgPool, queue: String) -> WakeStream {
             match heard {
                 Ok(Some(n)) => {
                     failures = 0;
-                    let event: serde_json::Value =
-                        serde_json::from_str(n.payload()).unwrap_or_default();
-                    if event["job_type"] == queue.as_str() {
+                    if n.payload() == queue {
                         wake(&tx);
                     }
                 }
@@ -229,7 +225,7 @@ pub fn pg_task_inserts(pool: sqlx::PgPool, queue: String) -> WakeStream {
                 Ok(None) => wake(&tx),
                 Err(e) => {
                     failures += 1;
-                    outage::lost("the listener for new tasks", &e);
+                    outage::lost("the listener for new jobs", &e);
                     tokio::select! {
                         () = tx.closed() => return,
                         () = tokio::time::sleep(outage::wait_after(failures)) => {}
@@ -243,7 +239,7 @@ pub fn pg_task_inserts(pool: sqlx::PgPool, queue: String) -> WakeStream {
     Box::pin(Wakes(rx))
 }
 
-/// The receiving end of [`pg_task_inserts`].
+/// The receiving end of [`pg_queue_wakes`].
 struct Wakes(tokio::sync::mpsc::Receiver<()>);
 
 impl Stream for Wakes {
@@ -258,18 +254,17 @@ impl Stream for Wakes {
 mod tests {
     use super::*;
 
-    /// What apalis does: on a tick it fetches, finds nothing and returns `Pending` without
-    /// polling the strategy again. The next tick must still wake the task.
+    /// What a queue worker does: on a tick it fetches, finds nothing and returns `Pending`
+    /// without polling the timer again. The next tick must still wake the task.
     #[tokio::test]
     async fn after_a_tick_the_next_one_wakes_the_task_by_itself() {
         let mut every = Every::new(Duration::from_millis(10));
-        let snapshot = PollSnapshot::default();
         let mut ticks = 0;
         let started = std::time::Instant::now();
         let woke = tokio::time::timeout(
             Duration::from_secs(2),
-            std::future::poll_fn(|cx| match every.poll_drive(cx, &snapshot) {
-                Poll::Ready(_) => {
+            std::future::poll_fn(|cx| match every.poll_wake(cx) {
+                Poll::Ready(()) => {
                     ticks += 1;
                     if ticks == 3 {
                         Poll::Ready(())
@@ -330,14 +325,13 @@ mod tests {
     async fn a_signal_wakes_the_worker_before_the_interval() {
         let (tx, rx) = futures::channel::mpsc::unbounded::<()>();
         let mut every = Every::new(Duration::from_secs(3600)).with_wake(Box::pin(rx));
-        let snapshot = PollSnapshot::default();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
             let _ = tx.unbounded_send(());
         });
         let woke = tokio::time::timeout(
             Duration::from_secs(2),
-            std::future::poll_fn(|cx| every.poll_drive(cx, &snapshot).map(|_| ())),
+            std::future::poll_fn(|cx| every.poll_wake(cx)),
         )
         .await;
         assert!(woke.is_ok(), "the signal did not wake the worker");

@@ -1,21 +1,19 @@
 //! A worker process's pools: one apalis worker per queue, all under one [`Monitor`] and one
-//! shutdown signal. apalis claims tasks (`FOR UPDATE SKIP LOCKED` on Postgres, one `UPDATE` on
-//! SQLite), keeps the worker's heartbeat and re-enqueues the tasks of workers that stopped
-//! beating; Tally's handler turns each task into one attempt of a job and records its outcome.
+//! shutdown signal. Each apalis worker's backend is the queue's job rows
+//! ([`crate::queue::JobQueue`]): its fetch claims jobs (`FOR UPDATE SKIP LOCKED` on Postgres,
+//! one `UPDATE` on SQLite), and the handler runs one attempt of each and records its outcome.
+//! The process beats in `tally_workers` and rescues the jobs of processes that stopped beating
+//! (see `tally_workflows::jobs::lease`).
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use apalis::prelude::*;
-use apalis_postgres::PostgresStorage;
-use apalis_sqlite::SqliteStorage;
 use tally_workflows::{
     Db, DbError,
     batch::Batcher,
     config::Config,
-    jobs::{self, Claim, Completion, Outcome, Status},
-    outage,
-    queue::{self, JobRef},
-    retry,
+    jobs::{self, Claimed, Finish, Outcome, Status, lease},
+    outage, retry,
 };
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -47,13 +45,8 @@ struct Runtime {
     name: String,
     retry_base: Duration,
     retry_max: Duration,
-    /// Claims of all this process's running handlers, group-committed.
-    claims: Batcher<String, Claim>,
-    /// Queue tasks whose jobs a per-user limit held back, put back in batches.
-    holds: Batcher<String, ()>,
-    /// Outcomes of all this process's attempts, group-committed with the retries they schedule
-    /// and the completion of their queue tasks.
-    finishes: Batcher<Completion, Option<Status>>,
+    /// Outcomes of all this process's attempts, group-committed.
+    finishes: Batcher<Finish, Status>,
     /// Every attempt runs as its own task, so it makes progress whether or not apalis is
     /// still polling its handler (it stops doing so while shutting down); shutdown waits here.
     attempts: TaskTracker,
@@ -68,7 +61,7 @@ const INTERRUPT_WAIT: Duration = Duration::from_secs(2);
 /// How long a stopping worker waits for an absent database to hand its jobs back.
 const HAND_BACK_WAIT: Duration = Duration::from_secs(5);
 
-/// Most claims or outcomes written in one statement.
+/// Most outcomes written in one statement.
 const MAX_BATCH: usize = 512;
 
 /// The worker pools of one process.
@@ -104,46 +97,32 @@ impl WorkerPool {
                 stop.cancel();
             }
         });
-        // Claims are bookkeeping: on Postgres they commit without waiting for the disk, in a
-        // pool of their own (see `pg_bookkeeping_pool`).
+        // Claims and heartbeats are bookkeeping: on Postgres they commit without waiting for
+        // the disk, in a pool of their own (see `pg_bookkeeping_pool`).
+        let w = &self.cfg.worker;
         let claims_db = match &self.db {
             Db::Postgres(_) => Db::Postgres(
-                tally_workflows::db::pg_bookkeeping_pool(&self.cfg.database_url(), 4).await?,
+                tally_workflows::db::pg_bookkeeping_pool(
+                    &self.cfg.database_url(),
+                    2 + w.queues.len() as u32,
+                )
+                .await?,
             ),
             Db::Sqlite(_) => self.db.clone(),
         };
-        let claims = {
-            let (db, name) = (claims_db.clone(), self.name.clone());
-            let limits = Arc::new(tally_workflows::limits::Limits::new(&self.cfg.limits));
-            Batcher::spawn(MAX_BATCH, move |ids: Vec<String>| {
-                let (db, name, limits) = (db.clone(), name.clone(), limits.clone());
-                async move { jobs::claim_many(&db, &name, &ids, &limits).await }
-            })
-        };
-        let holds = {
-            let db = claims_db.clone();
-            Batcher::spawn(MAX_BATCH, move |tasks: Vec<String>| {
-                let db = db.clone();
-                async move {
-                    queue::hold_back(&db, &tasks, tally_workflows::limits::HOLD_BACK).await?;
-                    Ok(vec![(); tasks.len()])
-                }
-            })
-        };
-        // apalis worker ids, one per queue: the lock holder on this process's queue tasks.
-        let holders: Vec<String> = self
-            .cfg
-            .worker
+        let limits = Arc::new(tally_workflows::limits::Limits::new(&self.cfg.limits));
+        // apalis worker ids, one per queue.
+        let worker_ids: Vec<String> = w
             .queues
             .iter()
             .map(|q| format!("{}/{q}", self.name))
             .collect();
         let finishes = {
-            let (db, name, holders) = (self.db.clone(), self.name.clone(), holders.clone());
-            let pause = Duration::from_millis(self.cfg.worker.settle_pause_ms);
-            Batcher::spawn(MAX_BATCH, move |items: Vec<Completion>| {
-                let (db, name, holders) = (db.clone(), name.clone(), holders.clone());
-                async move { jobs::finish_many(&db, &name, &holders, items, pause).await }
+            let (db, name) = (self.db.clone(), self.name.clone());
+            let pause = Duration::from_millis(w.settle_pause_ms);
+            Batcher::spawn(MAX_BATCH, move |items: Vec<Finish>| {
+                let (db, name) = (db.clone(), name.clone());
+                async move { jobs::finish_many(&db, &name, items, pause).await }
             })
         };
         let mut ai = crate::ai::Services::from_config(&self.cfg.ai, self.cfg.image_dir())
@@ -161,20 +140,36 @@ impl WorkerPool {
             name: self.name.clone(),
             retry_base: Duration::from_millis(self.cfg.jobs.retry_base_ms),
             retry_max: Duration::from_millis(self.cfg.jobs.retry_max_ms),
-            claims,
-            holds,
             finishes,
             attempts: TaskTracker::new(),
             interrupt: CancellationToken::new(),
         });
-        let w = &self.cfg.worker;
         let heartbeat = Duration::from_secs((w.lease_secs / 3).max(1));
-        let missed = (w.lease_secs / heartbeat.as_secs()).max(1) as usize;
+        let lease = Duration::from_secs(w.lease_secs);
         let poll = Duration::from_millis(w.poll_ms);
+        // The first heartbeat before the first claim: no other process may take this one's
+        // jobs for dead. Waited for while the database is away, like everything a worker does.
+        match outage::retry("writing the first heartbeat", &stop, || {
+            lease::beat(&claims_db, &self.name, &w.queues)
+        })
+        .await
+        {
+            Ok(()) => {}
+            Err(_) if stop.is_cancelled() => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let beats = tokio::spawn(beat_and_rescue(
+            claims_db.clone(),
+            self.name.clone(),
+            w.queues.clone(),
+            heartbeat,
+            lease,
+            stop.clone(),
+        ));
         // Queues an admin paused: their apalis workers are paused too (see `crate::pause`).
         // Read while the database may be away (a restart as the process starts): waited for,
         // like everything a worker reads, rather than ending the process.
-        let workers: Vec<(String, String)> = holders
+        let workers: Vec<(String, String)> = worker_ids
             .iter()
             .cloned()
             .zip(w.queues.iter().cloned())
@@ -188,92 +183,61 @@ impl WorkerPool {
             Err(_) if stop.is_cancelled() => return Ok(()),
             Err(e) => return Err(e),
         };
-        // A worker whose fetch or heartbeat failed (the database went away) starts again,
-        // after a pause that grows while it keeps failing (see `restart`).
+        // A queue's fetch rides out a database that went away by itself (see `crate::queue`);
+        // a worker that fails for another reason starts again (see `restart`).
         let mut monitor = Monitor::new()
             .on_event({
                 let pauses = pauses.clone();
                 move |ctx, event| pauses.on_event(ctx, event)
             })
             .should_restart(crate::restart::should_restart);
-        // apalis gets a pool of its own on Postgres. On shutdown it may drop one of its
-        // transactions (a heartbeat) after BEGIN was sent, and sqlx then returns that
-        // connection still inside the transaction (see `Db::begin`); in its own pool, that
-        // connection only ever runs apalis' statements, and never Tally's autocommit ones.
-        // What apalis writes there (task locks, heartbeats) is bookkeeping: it commits without
-        // waiting for the disk (see `pg_bookkeeping_pool`). Its fetch is one statement
-        // outside any transaction (vendor/apalis-postgres).
-        let apalis_pool = match &self.db {
+        // Postgres: each queue's idle worker listens for its queue's wake-ups, on a
+        // connection of its own. SQLite: they all watch for commits.
+        let listeners = match &self.db {
             Db::Postgres(_) => Some(
                 tally_workflows::db::pg_bookkeeping_pool(
                     &self.cfg.database_url(),
-                    2 + 2 * w.queues.len() as u32,
+                    w.queues.len() as u32,
                 )
                 .await?,
             ),
             Db::Sqlite(_) => None,
         };
-        let mut sqlite_commits = None;
-        for (queue, worker_id) in w.queues.iter().zip(holders.clone()) {
+        let commits = match &self.db {
+            Db::Sqlite(pool) => Some(crate::poll::SqliteCommits::watch(
+                (*pool.connect_options()).clone(),
+            )),
+            Db::Postgres(_) => None,
+        };
+        for (queue, worker_id) in w.queues.iter().zip(worker_ids.clone()) {
             let (rt, concurrency, batch, queue) =
                 (rt.clone(), w.concurrency, w.batch_size, queue.clone());
-            let failures = crate::restart::Failures::default();
-            // The same worker on either backend; only apalis' storage type differs.
-            macro_rules! register {
-                ($storage:ident, $config:path, $pool:expr, $wake:expr) => {{
-                    let pool = $pool;
-                    monitor.register(move |restarts| {
-                        // Tally marks tasks running and done itself, in its own transactions.
-                        let config = <$config>::default()
-                            .queue(&queue)
-                            .lock_tasks(false)
-                            .persist_results(false)
-                            .batch_size(batch)
-                            .heartbeat_interval(heartbeat)
-                            .missed_heartbeats(missed);
-                        let storage = $storage::<JobRef>::new(&pool)
-                            .with_config(config)
-                            .poll_with_strategy($wake(&pool, &queue));
-                        let storage = crate::restart::AfterPause::new(storage, restarts, &failures);
-                        WorkerBuilder::new(worker_id.as_str())
-                            .backend(storage)
-                            .concurrency(concurrency)
-                            .catch_panic()
-                            .data(rt.clone())
-                            .build(handle)
-                    })
-                }};
-            }
-            monitor = match &self.db {
-                // Postgres: woken by apalis' notification of each new task on this queue.
-                Db::Postgres(_) => register!(
-                    PostgresStorage,
-                    apalis_postgres::Config,
-                    apalis_pool
-                        .clone()
-                        .ok_or_else(|| DbError::Queue("no queue pool".into()))?,
-                    |pool: &sqlx::PgPool, queue: &str| {
-                        crate::poll::Every::new(poll)
-                            .with_wake(crate::poll::pg_task_inserts(pool.clone(), queue.to_owned()))
+            let (db, name, limits) = (claims_db.clone(), self.name.clone(), limits.clone());
+            let (listeners, commits) = (listeners.clone(), commits.clone());
+            monitor = monitor.register(move |_restarts| {
+                let wake = match (&listeners, &commits) {
+                    (Some(pool), _) => crate::poll::Every::new(poll)
+                        .with_wake(crate::poll::pg_queue_wakes(pool.clone(), queue.clone())),
+                    (None, Some(commits)) => {
+                        crate::poll::Every::new(poll).with_wake(commits.subscribe())
                     }
-                ),
-                // SQLite: woken by the commits of other connections.
-                Db::Sqlite(pool) => {
-                    let commits = sqlite_commits
-                        .get_or_insert_with(|| {
-                            crate::poll::SqliteCommits::watch((*pool.connect_options()).clone())
-                        })
-                        .clone();
-                    register!(
-                        SqliteStorage,
-                        apalis_sqlite::Config,
-                        pool.clone(),
-                        |_: &sqlx::SqlitePool, _: &str| {
-                            crate::poll::Every::new(poll).with_wake(commits.subscribe())
-                        }
-                    )
-                }
-            };
+                    (None, None) => crate::poll::Every::new(poll),
+                };
+                let backend = crate::queue::JobQueue::new(
+                    db.clone(),
+                    &queue,
+                    &name,
+                    batch,
+                    limits.clone(),
+                    wake,
+                );
+                WorkerBuilder::new(worker_id.as_str())
+                    .backend(backend)
+                    .concurrency(concurrency)
+                    .catch_panic()
+                    .data(rt.clone())
+                    .build(handle)
+            });
         }
         tracing::info!(worker = %self.name, queues = ?w.queues, concurrency = w.concurrency, "worker pools started");
         // Shutdown: apalis stops fetching at once; the attempts in flight get the grace period;
@@ -339,6 +303,7 @@ impl WorkerPool {
             () = drained => {}
         }
         stop.cancel();
+        beats.abort();
         // The loop stops at its next await; a statement it has in flight is not waited for long.
         if tokio::time::timeout(INTERRUPT_WAIT, &mut cron)
             .await
@@ -360,14 +325,14 @@ impl WorkerPool {
         });
         let handed = outage::retry("handing back running jobs", &given_up, || async {
             let jobs = jobs::hand_back(&self.db, &self.name).await?;
-            let tasks = queue::hand_back(&self.db, &holders).await?;
-            Ok::<_, DbError>((jobs.len(), tasks))
+            lease::retire(&self.db, &self.name).await?;
+            Ok::<_, DbError>(jobs.len())
         })
         .await;
         timer.abort();
         match handed {
-            Ok((jobs, tasks)) => {
-                tracing::info!(worker = %self.name, handed_back_jobs = jobs, handed_back_tasks = tasks, "worker pools stopped");
+            Ok(jobs) => {
+                tracing::info!(worker = %self.name, handed_back_jobs = jobs, "worker pools stopped");
             }
             Err(e) if e.is_unavailable() => {
                 tracing::warn!(worker = %self.name, error = %e, "the database is away: running jobs are left to their lease");
@@ -378,28 +343,65 @@ impl WorkerPool {
     }
 }
 
-/// Seconds before a task whose handler hit an infrastructure error is tried again.
-const RELEASE_DELAY_SECS: i64 = 5;
+/// Beats every `every` and rescues the jobs of processes silent for `lease`, until `stop`. A
+/// failure is logged once per outage; the next beat tries again.
+async fn beat_and_rescue(
+    db: Db,
+    name: String,
+    queues: Vec<String>,
+    every: Duration,
+    lease: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let beat = async {
+            lease::beat(&db, &name, &queues).await?;
+            lease::rescue(&db, lease).await
+        };
+        match beat.await {
+            Ok(_) if failing => {
+                failing = false;
+                outage::back();
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if e.is_unavailable() {
+                    outage::lost("the worker's heartbeat", &e);
+                } else {
+                    tracing::error!(error = %e, "a heartbeat or rescue failed");
+                }
+                failing = true;
+            }
+        }
+    }
+}
 
-/// One queue task: one attempt of one job. The attempt runs as a task of its own, which also
-/// gives the queue task back when the attempt could not be recorded: apalis drops this
-/// handler when its worker fails (the database went away), and the attempt must still end.
-async fn handle(task: JobRef, task_id: TaskId, rt: Data<Arc<Runtime>>) -> Result<(), BoxDynError> {
-    let task_id = task_id.to_string();
+/// How long a job whose attempt could not be recorded waits before it is tried again.
+const RELEASE_DELAY: Duration = Duration::from_secs(5);
+
+/// One claimed job: one attempt. The attempt runs as a task of its own, which also gives the
+/// job back when the attempt could not be recorded: apalis may drop this handler while it
+/// stops, and the attempt must still end.
+async fn handle(job: Claimed, rt: Data<Arc<Runtime>>) -> Result<(), BoxDynError> {
     let rt: Arc<Runtime> = (*rt).clone();
     let attempt = {
-        let (rt, job_id, task_id) = (rt.clone(), task.job_id.clone(), task_id.clone());
-        let kind = task.kind.clone();
+        let rt = rt.clone();
         rt.attempts.clone().spawn(async move {
-            let result = run_attempt(&job_id, kind.as_deref(), &task_id, &rt).await;
+            let job_id = job.id.clone();
+            let result = run_attempt(job, &rt).await;
             if let Err(e) = &result {
-                tracing::error!(%job_id, error = %e, "attempt could not be recorded; task released for a later try");
-                let released = outage::retry("releasing a task", &rt.interrupt, || {
-                    queue::release(&rt.db, &task_id, RELEASE_DELAY_SECS)
+                tracing::error!(%job_id, error = %e, "attempt could not be recorded; job released for a later try");
+                let released = outage::retry("releasing a job", &rt.interrupt, || {
+                    jobs::release(&rt.db, &job_id, &rt.name, RELEASE_DELAY)
                 })
                 .await;
                 if let Err(e) = released {
-                    tracing::warn!(%job_id, error = %e, "task not released; the lease will free it");
+                    tracing::warn!(%job_id, error = %e, "job not released; the lease will free it");
                 }
             }
             result
@@ -411,47 +413,17 @@ async fn handle(task: JobRef, task_id: TaskId, rt: Data<Arc<Runtime>>) -> Result
     Ok(())
 }
 
-/// `kind` is the job's kind as its task names it: what the kind reads first is read while the
-/// job is claimed (and dropped if the claim refuses it).
-#[tracing::instrument(skip(rt), fields(worker = %rt.name))]
-async fn run_attempt(
-    job_id: &str,
-    kind: Option<&str>,
-    task_id: &str,
-    rt: &Runtime,
-) -> Result<(), DbError> {
-    // While the database is away, the claim and the outcome wait for it (see `outage`): an
-    // attempt gives up only at the end of a shutdown.
-    let (claimed, prefetched) = tokio::join!(
-        outage::retry("claiming a job", &rt.interrupt, || rt
-            .claims
-            .call(job_id.to_owned())),
-        kinds::prefetch(kind, job_id, &rt.ai)
-    );
-    let claimed = match claimed? {
-        Claim::Run(claimed) => claimed,
-        Claim::Drop => {
-            tracing::debug!("job is not runnable (cancelled, finished or unknown); task dropped");
-            let completion = Completion {
-                task_id: task_id.to_owned(),
-                finish: None,
-            };
-            outage::retry("recording an outcome", &rt.interrupt, || {
-                rt.finishes.call(completion.clone())
-            })
-            .await?;
-            return Ok(());
-        }
-        Claim::Wait => {
-            tracing::debug!("job is over a per-user limit; task put back for later");
-            rt.holds.call(task_id.to_owned()).await?;
-            return Ok(());
-        }
-    };
+#[tracing::instrument(skip_all, fields(worker = %rt.name, job_id = %claimed.id))]
+async fn run_attempt(claimed: Claimed, rt: &Runtime) -> Result<(), DbError> {
+    // While the database is away, the outcome waits for it (see `outage`): an attempt gives
+    // up only at the end of a shutdown.
     let mut effects = Default::default();
     let outcome = match serde_json::from_str(&claimed.input) {
+        // Asked to stop between attempts (or while it was handed back): ends here.
+        _ if claimed.cancel_requested => Outcome::Cancelled,
         Err(e) => Outcome::Fatal(format!("stored input is not JSON: {e}")),
         Ok(input) => {
+            let prefetched = kinds::prefetch(&claimed.kind, &claimed.id, &rt.ai).await;
             let mut ctx = JobContext::new(
                 rt.db.clone(),
                 claimed.id.clone(),
@@ -485,12 +457,8 @@ async fn run_attempt(
     });
     // Applied only with the outcome they belong to (see `Finish::on_success`).
     (finish.on_success, finish.on_dead) = effects;
-    let completion = Completion {
-        task_id: task_id.to_owned(),
-        finish: Some(finish),
-    };
     let status = outage::retry("recording an outcome", &rt.interrupt, || {
-        rt.finishes.call(completion.clone())
+        rt.finishes.call(finish.clone())
     })
     .await?;
     tracing::debug!(attempt = claimed.attempts, status = ?status, "attempt finished");

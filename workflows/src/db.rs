@@ -98,10 +98,39 @@ macro_rules! with_tx {
     };
 }
 
+/// SQLite: pushes `sql` onto `qb`, with each numbered parameter (`$1`, `$2`, ...) bound by
+/// `bind(qb, n)` where it appears: one text serves both dialects, though SQLite's query builder
+/// numbers parameters in the order they are bound.
+pub(crate) fn push_numbered(
+    qb: &mut sqlx::QueryBuilder<Sqlite>,
+    sql: &str,
+    mut bind: impl FnMut(&mut sqlx::QueryBuilder<Sqlite>, usize),
+) {
+    let mut rest = sql;
+    while let Some(pos) = rest.find('$') {
+        let digits = rest[pos + 1..]
+            .bytes()
+            .take_while(u8::is_ascii_digit)
+            .count();
+        match rest[pos + 1..pos + 1 + digits].parse::<usize>() {
+            Ok(n) => {
+                qb.push(&rest[..pos]);
+                bind(qb, n);
+            }
+            Err(_) => {
+                qb.push(&rest[..=pos]);
+            }
+        }
+        rest = &rest[pos + 1 + digits..];
+    }
+    qb.push(rest);
+}
+
 static PG_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
 
-/// Tally's migration history lives in its own table so apalis' history never collides with it.
+/// Tally's migration history lives in its own table, so it never collides with another tool's
+/// `_sqlx_migrations` in the same database (apalis' own, in releases that used its tables).
 const MIGRATIONS_TABLE: &str = "tally_migrations";
 
 fn migrator(base: &Migrator) -> Migrator {
@@ -111,7 +140,7 @@ fn migrator(base: &Migrator) -> Migrator {
 }
 
 /// A pool on a `postgres://` URL that only writes queue bookkeeping a crash may lose without harm
-/// (apalis' task locks and heartbeats, Tally's claims of jobs): its commits do not wait for
+/// (claims of jobs, heartbeats): its commits do not wait for
 /// the disk (`synchronous_commit = off`). Postgres stays consistent: a commit it loses is
 /// only the most recent ones, and any later commit that does wait (an outcome, a ledger
 /// transfer) flushes everything before it. A claim lost that way leaves its job queued, to run
@@ -223,22 +252,14 @@ impl Db {
         }
     }
 
-    /// Applies apalis' queue migrations and Tally's own, in that order. Safe to run from many
-    /// processes at once (Postgres takes an advisory lock; SQLite serialises writers).
+    /// Applies Tally's migrations. Safe to run from many processes at once (Postgres takes an
+    /// advisory lock; SQLite serialises writers). (A database made by a release that queued
+    /// through apalis' own tables keeps them, unused: the jobs they pointed at are queued by
+    /// their own rows.)
     pub async fn migrate(&self) -> Result<(), DbError> {
         match self {
-            Db::Postgres(pool) => {
-                apalis_postgres::PostgresStorage::<()>::migrations()
-                    .run(pool)
-                    .await?;
-                migrator(&PG_MIGRATIONS).run(pool).await?;
-            }
-            Db::Sqlite(pool) => {
-                apalis_sqlite::SqliteStorage::<()>::migrations()
-                    .run(pool)
-                    .await?;
-                migrator(&SQLITE_MIGRATIONS).run(pool).await?;
-            }
+            Db::Postgres(pool) => migrator(&PG_MIGRATIONS).run(pool).await?,
+            Db::Sqlite(pool) => migrator(&SQLITE_MIGRATIONS).run(pool).await?,
         }
         Ok(())
     }

@@ -13,13 +13,12 @@
 //! - [`events`]: live events: which jobs changed, pushed after each commit (in-process
 //!   broadcast; Postgres LISTEN/NOTIFY across processes).
 //! - [`images`]: generated images: rows here, bytes in the image folder.
-//! - [`jobs`]: job records and their states; submission commits the record and its queue task in
-//!   one transaction.
+//! - [`jobs`]: job records and their states; a job's row is its queue entry, claimed by workers
+//!   and leased to them.
 //! - [`kinds`]: the job kinds the platform knows, their queues and input validation.
 //! - [`ledger`]: the signed credit ledger: accounts, transfers, reservations, the Merkle log.
 //! - [`limits`]: per-user concurrency limits, enforced by the claim across processes.
 //! - [`outage`]: riding out a database outage: retry with backoff, logged once per outage.
-//! - [`queue`]: the apalis task that carries a job id, pushed inside Tally's transactions.
 //! - [`queues`]: the queues as an admin sees them (depth, running, paused); pause and resume.
 //! - [`retry`]: the backoff rule that decides when a failed attempt runs again.
 //! - [`users`]: users, roles and hashed API keys.
@@ -39,7 +38,6 @@ pub mod kinds;
 pub mod ledger;
 pub mod limits;
 pub mod outage;
-pub mod queue;
 pub mod queues;
 pub mod retry;
 pub mod users;

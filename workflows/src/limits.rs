@@ -2,24 +2,31 @@
 //! once, and at most `limits.kinds.<kind>` jobs of that kind, counted over every process on the
 //! database.
 //!
-//! The claim enforces them ([`claim`], which `jobs::claim_many` calls only when a limit is
-//! set): it counts the batch's users' running jobs and claims only the jobs that fit, in batch
-//! order, so that two claims can never both take a user's last slot:
-//! - Postgres: first a transaction-scoped advisory lock per user of the batch (taken in key
-//!   order, so two claims never deadlock), then the counting claim in a statement of its own,
-//!   whose snapshot therefore includes every claim committed under those locks before it.
-//! - SQLite: the counting claim is one statement in a write transaction, which is already
-//!   exclusive across processes.
+//! The claim enforces them ([`claim`], which `jobs::claim_next` calls only when a limit is
+//! set): it picks the queue's next runnable jobs, counts their users' running jobs and claims
+//! only the jobs that fit, in queue order, so that two claims can never both take a user's
+//! last slot:
+//! - Postgres: the candidates are locked (`FOR UPDATE SKIP LOCKED`), then a transaction-scoped
+//!   advisory lock is taken per user of the batch (in key order, so two claims never
+//!   deadlock), then the counting claim runs in a statement of its own, whose snapshot
+//!   therefore includes every claim committed under those locks before it.
+//! - SQLite: the whole claim is one write transaction, which is already exclusive across
+//!   processes.
 //!
 //! A job over a limit is not claimed: it stays `queued` (or `failed`, awaiting its retry), its
-//! attempts untouched, and the worker puts its queue task back to be fetched again after
-//! [`HOLD_BACK`]. A job left `running` by a worker that died counts until it is rescued.
+//! attempts untouched, and becomes due again after [`HOLD_BACK`], behind the jobs already due.
+//! A job left `running` by a worker that died counts until it is rescued.
 
 use std::{collections::HashSet, time::Duration};
 
-use crate::{Db, DbError, config::LimitsConfig, jobs::Claimed};
+use crate::{
+    Db, DbError,
+    config::LimitsConfig,
+    db::Tx,
+    jobs::{CLAIMED, Claimed, TAKE, runnable},
+};
 
-/// How long a queue task held back by a limit waits before it is fetched again: a slot that
+/// How long a job held back by a limit waits before it is claimed again: a slot that
 /// frees is taken within about this long (plus one poll). Shorter means more fetches of tasks
 /// that still do not fit.
 pub const HOLD_BACK: Duration = Duration::from_secs(1);
@@ -88,18 +95,6 @@ impl Limits {
     }
 }
 
-/// One row of the Postgres claim: a job claimed, or one held back by a limit.
-#[derive(sqlx::FromRow)]
-struct Row {
-    id: String,
-    user_id: String,
-    kind: String,
-    input: String,
-    attempts: i32,
-    max_attempts: i32,
-    held: bool,
-}
-
 /// The CTEs that pick, from the candidates `cand` (runnable jobs of the batch with their
 /// place `ord`), the jobs that fit their limits (`ok`). `users` picks the running jobs of the
 /// candidates' users and `not_in_batch` leaves out the batch's own; the kind limits are
@@ -122,40 +117,49 @@ fn fitting(users: &str, not_in_batch: &str, per_user: &str, per_user_again: &str
     )
 }
 
-/// Claims the jobs `ids` that fit the limits (marked running on `worker`, the attempt
-/// counted, as `jobs::claim_many` does) and answers them with the ids of the runnable jobs the
-/// limits held back. A job that must not run (cancelled, finished, unknown) is in neither.
+/// Claims, of the next `n` runnable jobs of `queue`, those that fit the limits (marked
+/// running on `worker`, the attempt counted, as `jobs::claim_next` does); the others are held
+/// back: due again after [`HOLD_BACK`].
 pub(crate) async fn claim(
     db: &Db,
     worker: &str,
-    ids: &[String],
+    queue: &str,
+    n: usize,
     now: i64,
     limits: &Limits,
-) -> Result<(Vec<Claimed>, HashSet<String>), DbError> {
-    const SET: &str = "SET status = 'running', attempts = attempts + 1, worker = ";
-    const RUNNABLE: &str = "status IN ('queued', 'failed', 'running') AND NOT cancel_requested";
+) -> Result<Vec<Claimed>, DbError> {
+    const RUNNABLE: &str = "status IN ('queued', 'failed')";
     let mut tx = db.begin().await?;
-    let out = match &mut tx {
-        crate::db::Tx::Postgres(conn) => {
+    let candidates = runnable(db.backend(), "$1", "$2", "$3");
+    let ids: Vec<String> = crate::with_tx!(&mut tx, conn => {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(candidates))
+            .bind(now)
+            .bind(queue)
+            .bind(n as i64)
+            .fetch_all(&mut *conn)
+            .await?
+    });
+    if ids.is_empty() {
+        tx.commit().await?;
+        return Ok(Vec::new());
+    }
+    let claimed: Vec<Claimed> = match &mut tx {
+        Tx::Postgres(conn) => {
             sqlx::query(
                 "SELECT pg_advisory_xact_lock($1, k) FROM (SELECT DISTINCT hashtext(j.user_id) AS k \
                  FROM UNNEST($2::text[]) AS c (id) JOIN tally_jobs AS j ON j.id = c.id) AS u ORDER BY k",
             )
             .bind(USER_LOCK_CLASS)
-            .bind(ids)
+            .bind(&ids)
             .execute(&mut **conn)
             .await?;
             let sql = format!(
                 "WITH c (id, ord) AS (SELECT * FROM UNNEST($3::text[]) WITH ORDINALITY), \
                  cand AS (SELECT j.id, j.user_id, j.kind, c.ord FROM c JOIN tally_jobs AS j \
                  ON j.id = c.id WHERE j.{RUNNABLE}), \
-                 lim (kind, n) AS (SELECT * FROM UNNEST($4::text[], $5::bigint[])), {}, \
-                 u AS (UPDATE tally_jobs {SET}$1, started_at = COALESCE(started_at, $2), \
-                 updated_at = $2 FROM ok WHERE tally_jobs.id = ok.id AND tally_jobs.{RUNNABLE} \
-                 RETURNING tally_jobs.id, tally_jobs.user_id, kind, input, attempts, max_attempts) \
-                 SELECT id, user_id, kind, input, attempts, max_attempts, FALSE AS held FROM u \
-                 UNION ALL SELECT id, user_id, kind, '', 0, 0, TRUE FROM cand \
-                 WHERE id <> ALL(ARRAY(SELECT id FROM ok))",
+                 lim (kind, n) AS (SELECT * FROM UNNEST($4::text[], $5::bigint[])), {} \
+                 UPDATE tally_jobs SET {TAKE} FROM ok WHERE tally_jobs.id = ok.id \
+                 AND tally_jobs.{RUNNABLE} RETURNING {CLAIMED}",
                 fitting(
                     "user_id = ANY(ARRAY(SELECT user_id FROM cand))",
                     "id <> ALL($3::text[])",
@@ -163,34 +167,17 @@ pub(crate) async fn claim(
                     "$6"
                 )
             );
-            let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(worker)
                 .bind(now)
-                .bind(ids)
+                .bind(&ids)
                 .bind(&limits.kinds)
                 .bind(&limits.per_kind)
                 .bind(limits.per_user)
                 .fetch_all(&mut **conn)
-                .await?;
-            let mut claimed = Vec::new();
-            let mut held = HashSet::new();
-            for r in rows {
-                if r.held {
-                    held.insert(r.id);
-                } else {
-                    claimed.push(Claimed {
-                        id: r.id,
-                        user_id: r.user_id,
-                        kind: r.kind,
-                        input: r.input,
-                        attempts: r.attempts,
-                        max_attempts: r.max_attempts,
-                    });
-                }
-            }
-            (claimed, held)
+                .await?
         }
-        crate::db::Tx::Sqlite(conn) => {
+        Tx::Sqlite(conn) => {
             let mut qb = sqlx::QueryBuilder::new("WITH c (id, ord) AS (VALUES ");
             let mut list = qb.separated(", ");
             for (i, id) in ids.iter().enumerate() {
@@ -215,53 +202,52 @@ pub(crate) async fn claim(
                         .push_unseparated(")");
                 }
             }
-            // Each marker in the clause becomes the per-user limit, bound.
-            let clause = fitting(
-                "user_id IN (SELECT user_id FROM cand)",
-                "id NOT IN (SELECT id FROM c)",
-                "\u{1}",
-                "\u{1}",
+            // `TAKE` binds the worker (`$1`) and now (`$2`); the per-user limit is `$3`.
+            let sql = format!(
+                "), {} UPDATE tally_jobs SET {TAKE} WHERE id IN (SELECT id FROM ok) \
+                 AND {RUNNABLE} RETURNING {CLAIMED}",
+                fitting(
+                    "user_id IN (SELECT user_id FROM cand)",
+                    "id NOT IN (SELECT id FROM c)",
+                    "$3",
+                    "$3",
+                )
             );
-            qb.push("), ");
-            let mut rest = clause.as_str();
-            while let Some(pos) = rest.find('\u{1}') {
-                qb.push(&rest[..pos]).push_bind(limits.per_user);
-                rest = &rest[pos + 1..];
-            }
-            qb.push(rest)
-                .push(format!(" UPDATE tally_jobs {SET}"))
-                .push_bind(worker)
-                .push(", started_at = COALESCE(started_at, ")
-                .push_bind(now)
-                .push("), updated_at = ")
-                .push_bind(now)
-                .push(format!(
-                    " WHERE id IN (SELECT id FROM ok) AND {RUNNABLE} \
-                     RETURNING id, user_id, kind, input, attempts, max_attempts"
-                ));
-            let claimed: Vec<Claimed> = qb.build_query_as().fetch_all(&mut **conn).await?;
-            // Held back: the runnable jobs of the batch this claim did not take.
-            let taken: HashSet<&str> = claimed.iter().map(|c| c.id.as_str()).collect();
-            let rest: Vec<&String> = ids
-                .iter()
-                .filter(|id| !taken.contains(id.as_str()))
-                .collect();
-            let mut held = HashSet::new();
-            if !rest.is_empty() {
-                let mut qb = sqlx::QueryBuilder::new("SELECT id FROM tally_jobs WHERE id IN (");
-                let mut list = qb.separated(", ");
-                for id in rest {
-                    list.push_bind(id);
+            crate::db::push_numbered(&mut qb, &sql, |qb, n| match n {
+                1 => {
+                    qb.push_bind(worker);
                 }
-                qb.push(format!(") AND {RUNNABLE}"));
-                let ids: Vec<String> = qb.build_query_scalar().fetch_all(&mut **conn).await?;
-                held.extend(ids);
-            }
-            (claimed, held)
+                2 => {
+                    qb.push_bind(now);
+                }
+                _ => {
+                    qb.push_bind(limits.per_user);
+                }
+            });
+            qb.build_query_as().fetch_all(&mut **conn).await?
         }
     };
+    // Held back: the candidates this claim did not take (each was runnable, and locked).
+    let taken: HashSet<&str> = claimed.iter().map(|c| c.id.as_str()).collect();
+    let held: Vec<&String> = ids
+        .iter()
+        .filter(|id| !taken.contains(id.as_str()))
+        .collect();
+    if !held.is_empty() {
+        let later = now + HOLD_BACK.as_millis() as i64;
+        crate::with_tx!(&mut tx, conn => {
+            let mut qb = sqlx::QueryBuilder::new("UPDATE tally_jobs SET run_at = ");
+            qb.push_bind(later).push(" WHERE id IN (");
+            let mut list = qb.separated(", ");
+            for id in &held {
+                list.push_bind(*id);
+            }
+            qb.push(")");
+            qb.build().execute(&mut *conn).await?;
+        });
+    }
     tx.commit().await?;
-    Ok(out)
+    Ok(claimed)
 }
 
 #[cfg(test)]

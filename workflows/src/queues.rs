@@ -55,8 +55,8 @@ pub async fn paused(db: &Db) -> Result<BTreeSet<String>, DbError> {
 /// Every queue Tally knows, in [`QUEUES`] order.
 pub async fn overview(db: &Db) -> Result<Vec<QueueView>, DbError> {
     let now = now_ms();
-    // Reads the jobs not yet finished (a scan of the jobs table: no index covers waiting
-    // jobs, which would cost every submission an index entry).
+    // Reads the jobs not yet finished: the waiting ones through the queue's own index
+    // (`jobs_runnable`), the running ones through theirs.
     let sql = "SELECT queue, \
                SUM(CASE WHEN status IN ('queued', 'failed') THEN 1 ELSE 0 END) AS depth, \
                SUM(CASE WHEN status = 'running' THEN 1 ELSE 0 END) AS running, \

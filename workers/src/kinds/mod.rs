@@ -132,8 +132,8 @@ pub fn runner(kind: &str) -> Option<&'static dyn AnyRunner> {
 }
 
 /// Reads what `kind` will read first (see [`Runner::prefetch`]).
-pub async fn prefetch(kind: Option<&str>, job_id: &str, ai: &Services) -> Prefetched {
-    match kind.and_then(runner) {
+pub async fn prefetch(kind: &str, job_id: &str, ai: &Services) -> Prefetched {
+    match runner(kind) {
         Some(r) => r.prefetch(job_id, ai).await,
         None => None,
     }

@@ -1,10 +1,19 @@
 //! The worker's side of a job before its outcome: claiming attempts, progress, cancel checks,
-//! and handing running jobs back when a worker stops.
+//! and giving jobs back (a worker that stops, an attempt that could not be recorded).
+//!
+//! The job row is its queue entry: a worker claims runnable jobs (`queued`, or `failed` with
+//! their retry due) straight from `tally_jobs`, highest priority first, then by due time. On
+//! Postgres the claim is one statement (`FOR UPDATE SKIP LOCKED`, so claims never wait on each
+//! other); on SQLite one `UPDATE`, which a write transaction already makes exclusive.
 
 use serde_json::Value;
 
-use super::{Status, control::release_holds};
-use crate::{Db, DbError, now_ms, with_pool, with_tx};
+use super::Status;
+use crate::{Db, DbError, now_ms, with_pool};
+
+/// The Postgres channel idle workers listen on; the payload is a queue's name. New jobs notify
+/// it from a trigger; a job queued again (handed back, rescued, retried) from the code.
+pub const WAKE_CHANNEL: &str = "tally_queue";
 
 /// What a worker needs to run one attempt.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -15,114 +24,96 @@ pub struct Claimed {
     pub input: String,
     pub attempts: i32,
     pub max_attempts: i32,
+    pub priority: i32,
+    pub run_at: i64,
+    /// Asked to stop before this attempt began: the attempt ends it at once, cancelled.
+    pub cancel_requested: bool,
 }
 
-/// What the claim answers for one job.
-#[derive(Debug)]
-pub enum Claim {
-    /// Marked running on this worker: run the attempt.
-    Run(Claimed),
-    /// Must not run (cancelled, finished, unknown, or twice in the batch): its task is done.
-    Drop,
-    /// Over a per-user limit ([`crate::limits`]): left as it was, its attempt not counted; its
-    /// task goes back to be fetched later.
-    Wait,
+/// The columns a claim returns, as [`Claimed`] reads them.
+pub(crate) const CLAIMED: &str = "tally_jobs.id, user_id, kind, input, attempts, max_attempts, priority, tally_jobs.run_at, cancel_requested";
+
+/// What a claim writes on each job it takes (`$1` the worker, `$2` now).
+pub(crate) const TAKE: &str = "status = 'running', attempts = attempts + 1, worker = $1, \
+    started_at = COALESCE(started_at, $2), updated_at = $2";
+
+/// The runnable jobs of queue `queue` due at `now`, in the order they run, at most `n` of them
+/// (each argument the SQL of a parameter): the candidates of a claim. On Postgres, each is
+/// locked and jobs another claim holds are skipped.
+pub(crate) fn runnable(backend: crate::db::Backend, now: &str, queue: &str, n: &str) -> String {
+    let lock = match backend {
+        crate::db::Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        crate::db::Backend::Sqlite => "",
+    };
+    format!(
+        "SELECT id FROM tally_jobs WHERE queue = {queue} AND status IN ('queued', 'failed') \
+         AND run_at <= {now} ORDER BY priority DESC, run_at, id LIMIT {n}{lock}"
+    )
 }
 
-/// Marks each job running on `worker` and counts the attempt, in one statement. A job left
-/// `running` by a worker that lost its lease is claimed again. With `limits` set, a job over
-/// one of them waits.
-pub async fn claim_many(
+/// Claims up to `n` runnable jobs of `queue` for `worker`: each is marked running on it and its
+/// attempt counted. With `limits` set, a job over one of them stays where it was, due again
+/// after [`crate::limits::HOLD_BACK`]. Answers in the order the jobs should start.
+pub async fn claim_next(
     db: &Db,
     worker: &str,
-    ids: &[String],
+    queue: &str,
+    n: usize,
     limits: &crate::limits::Limits,
-) -> Result<Vec<Claim>, DbError> {
+) -> Result<Vec<Claimed>, DbError> {
     let now = now_ms();
-    const RETURNING: &str =
-        " RETURNING tally_jobs.id, user_id, kind, input, attempts, max_attempts";
-    // Per-user limits: counted and claimed under per-user locks (see `crate::limits`).
-    let mut held = std::collections::HashSet::new();
-    let claimed: Vec<Claimed> = match db {
-        _ if limits.is_set() => {
-            let (claimed, over) = crate::limits::claim(db, worker, ids, now, limits).await?;
-            held = over;
-            claimed
-        }
-        // One prepared statement whatever the batch size; the join on the array of ids keeps
-        // the plan on the primary key (a generic plan for `id = ANY($3)` may not).
-        Db::Postgres(pool) => {
-            let sql = format!(
-                "UPDATE tally_jobs SET status = 'running', attempts = attempts + 1, worker = $1, \
-                 started_at = COALESCE(started_at, $2), updated_at = $2 \
-                 FROM UNNEST($3::text[]) AS c (id) WHERE tally_jobs.id = c.id \
-                 AND status IN ('queued', 'failed', 'running') AND NOT cancel_requested{RETURNING}"
-            );
+    let mut claimed: Vec<Claimed> = if limits.is_set() {
+        crate::limits::claim(db, worker, queue, n, now, limits).await?
+    } else {
+        let sql = format!(
+            "UPDATE tally_jobs SET {TAKE} WHERE id IN ({}) RETURNING {CLAIMED}",
+            runnable(db.backend(), "$2", "$3", "$4")
+        );
+        with_pool!(db, pool => {
             sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(worker)
                 .bind(now)
-                .bind(ids)
+                .bind(queue)
+                .bind(n as i64)
                 .fetch_all(pool)
                 .await?
-        }
-        Db::Sqlite(pool) => {
-            let mut qb = sqlx::QueryBuilder::new(
-                "UPDATE tally_jobs SET status = 'running', attempts = attempts + 1, worker = ",
-            );
-            qb.push_bind(worker)
-                .push(", started_at = COALESCE(started_at, ")
-                .push_bind(now)
-                .push("), updated_at = ")
-                .push_bind(now)
-                .push(" WHERE status IN ('queued', 'failed', 'running') AND NOT cancel_requested AND id");
-            qb.push(" IN (");
-            let mut list = qb.separated(", ");
-            for id in ids {
-                list.push_bind(id);
-            }
-            qb.push(")").push(RETURNING);
-            qb.build_query_as().fetch_all(pool).await?
-        }
-    };
-    crate::events::publish(claimed.iter().map(|c| c.id.as_str()));
-    let mut by_id: std::collections::HashMap<String, Claimed> =
-        claimed.into_iter().map(|c| (c.id.clone(), c)).collect();
-    let answers: Vec<Option<Claimed>> = ids.iter().map(|id| by_id.remove(id)).collect();
-    let refused: Vec<&String> = ids
-        .iter()
-        .zip(&answers)
-        .filter(|(id, a)| a.is_none() && !held.contains(*id))
-        .map(|(id, _)| id)
-        .collect();
-    if !refused.is_empty() {
-        // A cancel that arrived while a job was between attempts or being rescued ends it here,
-        // and its credits go back.
-        let mut tx = db.begin().await?;
-        let ended: Vec<String> = with_tx!(&mut tx, conn => {
-            let mut qb = sqlx::QueryBuilder::new("UPDATE tally_jobs SET status = 'cancelled', finished_at = ");
-            qb.push_bind(now).push(", updated_at = ").push_bind(now).push(
-                " WHERE cancel_requested AND status IN ('queued', 'failed', 'running') AND id IN (",
-            );
-            let mut list = qb.separated(", ");
-            for id in &refused {
-                list.push_bind(*id);
-            }
-            qb.push(") RETURNING id");
-            qb.build_query_scalar().fetch_all(&mut *conn).await?
-        });
-        release_holds(&mut tx, &ended, now).await?;
-        tx.commit().await?;
-        crate::events::publish(ended);
-    }
-    Ok(ids
-        .iter()
-        .zip(answers)
-        .map(|(id, answer)| match answer {
-            Some(c) => Claim::Run(c),
-            None if held.contains(id) => Claim::Wait,
-            None => Claim::Drop,
         })
-        .collect())
+    };
+    claimed.sort_by(|a, b| (b.priority, a.run_at, &a.id).cmp(&(a.priority, b.run_at, &b.id)));
+    crate::events::publish(claimed.iter().map(|c| c.id.as_str()));
+    Ok(claimed)
+}
+
+/// Wakes the idle workers of `queues` (Postgres; SQLite's workers watch for commits).
+pub(crate) async fn wake(db: &Db, queues: &[String]) -> Result<(), DbError> {
+    if let Db::Postgres(pool) = db
+        && !queues.is_empty()
+    {
+        sqlx::query(
+            "SELECT pg_notify($1, q) FROM (SELECT DISTINCT q FROM UNNEST($2::text[]) AS q) AS d",
+        )
+        .bind(WAKE_CHANNEL)
+        .bind(queues)
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+/// [`wake`] inside a transaction: the notification goes out when it commits.
+pub(crate) async fn wake_in(tx: &mut crate::db::Tx, queues: &[&str]) -> Result<(), DbError> {
+    if let crate::db::Tx::Postgres(conn) = tx
+        && !queues.is_empty()
+    {
+        sqlx::query(
+            "SELECT pg_notify($1, q) FROM (SELECT DISTINCT q FROM UNNEST($2::text[]) AS q) AS d",
+        )
+        .bind(WAKE_CHANNEL)
+        .bind(queues)
+        .execute(&mut **conn)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Stores progress; returns true if the job has been asked to stop.
@@ -162,14 +153,36 @@ pub async fn cancel_requested(db: &Db, id: &str, worker: &str) -> Result<bool, D
     })
 }
 
-/// Puts a stopping worker's running jobs back in the queue; the interrupted attempt is not
-/// counted. Returns their ids.
+/// Puts a stopping worker's running jobs back in the queue (those it claimed and had not
+/// started too); the interrupted attempts are not counted. Returns their ids.
 pub async fn hand_back(db: &Db, worker: &str) -> Result<Vec<String>, DbError> {
     let sql = "UPDATE tally_jobs SET status = 'queued', attempts = attempts - 1, worker = NULL, updated_at = $2 \
-        WHERE worker = $1 AND status = 'running' RETURNING id";
-    let ids: Vec<String> = with_pool!(db, pool => {
-        sqlx::query_scalar(sql).bind(worker).bind(now_ms()).fetch_all(pool).await?
+        WHERE worker = $1 AND status = 'running' RETURNING id, queue";
+    let rows: Vec<(String, String)> = with_pool!(db, pool => {
+        sqlx::query_as(sql).bind(worker).bind(now_ms()).fetch_all(pool).await?
     });
+    let (ids, queues): (Vec<String>, Vec<String>) = rows.into_iter().unzip();
+    wake(db, &queues).await?;
     crate::events::publish(ids.iter().map(String::as_str));
     Ok(ids)
+}
+
+/// Puts one running job back after its attempt could not be recorded (the database went
+/// away): queued again, due in `delay`, the attempt not counted. A job no longer `worker`'s is
+/// left alone.
+pub async fn release(
+    db: &Db,
+    id: &str,
+    worker: &str,
+    delay: std::time::Duration,
+) -> Result<(), DbError> {
+    let now = now_ms();
+    let sql = "UPDATE tally_jobs SET status = 'queued', attempts = attempts - 1, worker = NULL, \
+        run_at = $3, updated_at = $4 WHERE id = $1 AND worker = $2 AND status = 'running'";
+    with_pool!(db, pool => {
+        sqlx::query(sql).bind(id).bind(worker).bind(now + delay.as_millis() as i64).bind(now)
+            .execute(pool).await?;
+    });
+    crate::events::publish([id]);
+    Ok(())
 }

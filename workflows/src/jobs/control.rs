@@ -6,7 +6,6 @@ use crate::{
     db::Tx,
     ledger::{self, Op},
     now_ms,
-    queue::{self, Enqueue},
     users::{Role, User},
     with_tx,
 };
@@ -125,42 +124,9 @@ pub async fn retry(db: &Db, id: &str, caller: &User) -> Result<Job, JobError> {
             job.reservation_id = Some(rid);
         }
     }
-    queue::push(
-        &mut tx,
-        &[enqueue_of(
-            &job.id,
-            &job.kind,
-            &job.queue,
-            job.priority,
-            now,
-        )?],
-    )
-    .await?;
+    // Queued again: its row is its queue entry; idle workers of its queue wake on commit.
+    super::wake_in(&mut tx, &[job.queue.as_str()]).await?;
     tx.commit().await?;
     crate::events::publish([job.id.as_str()]);
     Ok(job)
-}
-
-/// The queue task for a job's next attempt, on the queue the job was submitted to (a cron
-/// schedule may choose another than its kind's).
-pub(super) fn enqueue_of(
-    id: &str,
-    kind: &str,
-    queue: &str,
-    priority: i32,
-    run_at_ms: i64,
-) -> Result<Enqueue, DbError> {
-    let spec = crate::kinds::lookup(kind)
-        .ok_or_else(|| DbError::Corrupt(format!("job {id} has unknown kind {kind:?}")))?;
-    let queue = crate::config::QUEUES
-        .into_iter()
-        .find(|known| *known == queue)
-        .unwrap_or(spec.queue);
-    Ok(Enqueue {
-        job_id: id.to_owned(),
-        kind: kind.to_owned(),
-        queue,
-        priority,
-        run_at_ms,
-    })
 }

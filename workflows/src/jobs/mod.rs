@@ -7,15 +7,18 @@
 //!    └──lease lost / handed back      cancel: queued|failed ▶ cancelled; running ▶ stops at next check
 //! ```
 //!
-//! Every change of state that causes more work (submit, a retry, a requeue) writes the job and
-//! pushes its queue task in one transaction.
+//! A job's row is its queue entry: `queued` and `failed` jobs whose `run_at` has come are what
+//! workers claim, so every change of state that causes more work (submit, a retry, a requeue)
+//! is one write of the job, in the transaction that causes it.
 //!
 //! The parts, by what they are: [`record`] (the stored job and reading it), [`submission`]
 //! (new jobs, transactional enqueue), [`control`] (cancel, retry), [`claim`] (a worker taking
-//! attempts) and [`outcome`] (storing how attempts ended, with their effects).
+//! attempts, and giving them back), [`lease`] (heartbeats, and rescuing the jobs of a worker
+//! that stopped beating) and [`outcome`] (storing how attempts ended, with their effects).
 
 mod claim;
 mod control;
+pub mod lease;
 mod outcome;
 mod record;
 mod submission;

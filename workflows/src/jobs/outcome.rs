@@ -3,13 +3,13 @@
 
 use serde_json::Value;
 
-use super::{Claimed, NewJob, Status, control::enqueue_of, derived_id, submit_in};
+use super::{Claimed, NewJob, Status, derived_id, submit_in};
 use crate::{
     Db, DbError,
     db::Tx,
     effects::{Effects, Rows},
     ledger::{self, Op},
-    now_ms, queue,
+    now_ms,
 };
 
 /// How an attempt ended.
@@ -86,22 +86,11 @@ pub fn plan(
     }
 }
 
-/// One handled queue task: its id, and the outcome of the attempt it ran, if it ran one.
-#[derive(Debug, Clone)]
-pub struct Completion {
-    pub task_id: String,
-    pub finish: Option<Finish>,
-}
-
 /// An outcome the statement applied: the job as it now is, and on Postgres its reservation,
 /// locked by the same statement when the job succeeded.
 #[derive(sqlx::FromRow)]
 struct Applied {
     id: String,
-    kind: String,
-    queue: String,
-    priority: i32,
-    run_at: i64,
     status: String,
     reservation_id: Option<String>,
     #[sqlx(default)]
@@ -138,22 +127,20 @@ impl Applied {
     }
 }
 
-/// Records many attempts' outcomes in one statement and one transaction, together with the
-/// tasks of the retries they schedule and the completion of the tasks that ran them. A job this
-/// worker no longer holds (it lost its lease and another worker took over) is left alone: its
-/// answer is `Running`. A completion without an attempt answers `None`.
+/// Records many attempts' outcomes in one statement and one transaction. A retry needs no
+/// more: a `failed` job is its own queue entry, due at its `run_at`. A job this worker no
+/// longer holds (it lost its lease and another worker took over, or the outcome was already
+/// stored) is left alone: its answer is `Running`.
 pub async fn finish_many(
     db: &Db,
     worker: &str,
-    holders: &[String],
-    mut items: Vec<Completion>,
+    mut finishes: Vec<Finish>,
     settle_pause: std::time::Duration,
-) -> Result<Vec<Option<Status>>, DbError> {
+) -> Result<Vec<Status>, DbError> {
     let now = now_ms();
     // Each outcome's effects, by job id, applied below if the outcome is.
-    let mut effects: std::collections::HashMap<String, (Effects, Effects)> = items
+    let mut effects: std::collections::HashMap<String, (Effects, Effects)> = finishes
         .iter_mut()
-        .filter_map(|c| c.finish.as_mut())
         .map(|f| {
             let on = (
                 std::mem::take(&mut f.on_success),
@@ -162,7 +149,6 @@ pub async fn finish_many(
             (f.id.clone(), on)
         })
         .collect();
-    let finishes: Vec<&Finish> = items.iter().filter_map(|c| c.finish.as_ref()).collect();
     let mut tx = db.begin().await?;
     // A failure of a job whose cancel was asked for ends it: no retry. `v` holds each outcome;
     // `now` and `worker` are the statement's parameters (placeholders differ per dialect).
@@ -173,7 +159,7 @@ pub async fn finish_many(
              finished_at = CASE WHEN tally_jobs.cancel_requested AND v.vstatus = 'failed' THEN {now} ELSE v.vfinished END, \
              result = v.vresult, error = v.verror, run_at = COALESCE(v.vrun_at, tally_jobs.run_at), updated_at = {now} \
              FROM v WHERE tally_jobs.id = v.vid AND tally_jobs.status = 'running' AND tally_jobs.worker = {worker} \
-             RETURNING tally_jobs.id, kind, tally_jobs.queue, priority, tally_jobs.run_at, status, reservation_id"
+             RETURNING tally_jobs.id, status, reservation_id"
         )
     };
     let finished = |f: &Finish| {
@@ -184,41 +170,24 @@ pub async fn finish_many(
         }
     };
     let updated: Vec<Applied> = match &mut tx {
+        _ if finishes.is_empty() => Vec::new(),
         Tx::Postgres(tx) => {
-            let task_of: std::collections::HashMap<&str, &str> = items
-                .iter()
-                .filter_map(|c| {
-                    c.finish
-                        .as_ref()
-                        .map(|f| (f.id.as_str(), c.task_id.as_str()))
-                })
-                .collect();
-            let bare: Vec<&str> = items
-                .iter()
-                .filter(|c| c.finish.is_none())
-                .map(|c| c.task_id.as_str())
-                .collect();
             // One prepared statement whatever the batch size: the outcomes travel as arrays.
-            // It also completes the tasks (`d`) and locks the reservations of the jobs that
-            // succeeded for the settlement that follows (`r`).
+            // It also locks the reservations of the jobs that succeeded for the settlement
+            // that follows (`r`).
             // Rows of other tables are picked by `= ANY(ARRAY(...))`, read once: an
             // `IN (SELECT ...)` lets a generic plan scan the table and probe per row.
             let sql = format!(
-                "WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at, vtask) AS (SELECT * FROM \
-                 UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], \
-                 $9::text[])), u AS ({}, v.vtask), \
-                 d AS ({}), \
+                "WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at) AS (SELECT * FROM \
+                 UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[])), \
+                 u AS ({}), \
                  r AS ({}) \
-                 SELECT u.id, u.kind, u.queue, u.priority, u.run_at, u.status, u.reservation_id, \
+                 SELECT u.id, u.status, u.reservation_id, \
                  r.user_id AS r_user_id, r.amount AS r_amount, r.settled AS r_settled, \
                  r.state AS r_state, r.job_id AS r_job_id, r.expires_at AS r_expires_at, \
                  r.created_at AS r_created_at, r.closed_at AS r_closed_at \
                  FROM u LEFT JOIN r ON r.id = u.reservation_id",
                 set("$1", "$2"),
-                queue::pg_complete_tasks(
-                    "$10",
-                    "SELECT vtask FROM u UNION ALL SELECT * FROM UNNEST($11::text[])"
-                ),
                 ledger::pg_lock_reservations(
                     "SELECT reservation_id FROM u WHERE status = 'succeeded'"
                 ),
@@ -245,20 +214,11 @@ pub async fn finish_many(
                         .map(|f| f.error.as_deref())
                         .collect::<Vec<_>>(),
                 )
-                .bind(finishes.iter().map(|f| finished(f)).collect::<Vec<_>>())
+                .bind(finishes.iter().map(&finished).collect::<Vec<_>>())
                 .bind(finishes.iter().map(|f| f.retry_at).collect::<Vec<_>>())
-                .bind(
-                    finishes
-                        .iter()
-                        .map(|f| task_of.get(f.id.as_str()).copied().unwrap_or_default())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(holders)
-                .bind(&bare)
                 .fetch_all(&mut **tx)
                 .await?
         }
-        _ if finishes.is_empty() => Vec::new(),
         Tx::Sqlite(tx) => {
             let mut qb = sqlx::QueryBuilder::new(
                 "WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at) AS (",
@@ -272,23 +232,16 @@ pub async fn finish_many(
                     .push_bind(f.retry_at);
             });
             qb.push(") ");
-            // Each marker in the clause becomes a bound parameter.
-            let clause = set("\u{1}", "\u{2}");
-            let mut rest = clause.as_str();
-            while let Some(pos) = rest.find(['\u{1}', '\u{2}']) {
-                qb.push(&rest[..pos]);
-                if rest[pos..].starts_with('\u{2}') {
+            crate::db::push_numbered(&mut qb, &set("$1", "$2"), |qb, n| {
+                if n == 2 {
                     qb.push_bind(worker);
                 } else {
                     qb.push_bind(now);
                 }
-                rest = &rest[pos + 1..];
-            }
-            qb.push(rest);
+            });
             qb.build_query_as().fetch_all(&mut **tx).await?
         }
     };
-    let mut pushes = Vec::new();
     let mut applied = std::collections::HashMap::new();
     let mut money = Vec::new();
     // The effects of the outcomes applied: rows, follow-up jobs (with their derived ids) and
@@ -307,19 +260,12 @@ pub async fn finish_many(
         }
         let Applied {
             id,
-            kind,
-            queue,
-            priority,
-            run_at,
             status,
             reservation_id: reservation,
             ..
         } = row;
         let status = Status::parse(&status)
             .ok_or_else(|| DbError::Corrupt(format!("job {id} has status {status:?}")))?;
-        if status == Status::Failed {
-            pushes.push(enqueue_of(&id, &kind, &queue, priority, run_at)?);
-        }
         // The job's credits move in the same transaction as its final state: the settlement's
         // ids derive from the job, so a second delivery or a rerun after a crash moves nothing.
         if let Some(rid) = reservation
@@ -359,20 +305,6 @@ pub async fn finish_many(
     // A job that ended without success gives back every hold it still has.
     let holds = ledger::pending_of_jobs(&mut tx, &ended).await?;
     money.extend(holds.into_iter().map(Op::release));
-    // SQLite: what the Postgres statement also did: a task is done when its attempt's outcome
-    // was stored (or it ran no attempt).
-    if let Tx::Sqlite(conn) = &mut tx {
-        let task_ids: Vec<String> = items
-            .iter()
-            .filter(|c| {
-                c.finish
-                    .as_ref()
-                    .is_none_or(|f| applied.contains_key(&f.id))
-            })
-            .map(|c| c.task_id.clone())
-            .collect();
-        queue::sqlite_complete(conn, &task_ids, holders).await?;
-    }
     // The outcomes' rows, then their follow-up jobs, before the ledger locks accounts.
     for group in Rows::grouped(rows) {
         group.write(&mut tx).await?;
@@ -401,7 +333,6 @@ pub async fn finish_many(
             }
         }
     }
-    queue::push(&mut tx, &pushes).await?;
     if !money.is_empty() && !settle_pause.is_zero() {
         tracing::warn!(
             jobs = money.len(),
@@ -411,12 +342,8 @@ pub async fn finish_many(
     }
     tx.commit().await?;
     crate::events::publish(changed);
-    Ok(items
+    Ok(finishes
         .iter()
-        .map(|c| {
-            c.finish
-                .as_ref()
-                .map(|f| applied.get(&f.id).copied().unwrap_or(Status::Running))
-        })
+        .map(|f| applied.get(&f.id).copied().unwrap_or(Status::Running))
         .collect())
 }

@@ -7,7 +7,6 @@ use super::JobError;
 use crate::{
     Db, DbError,
     db::Tx,
-    queue::Enqueue,
     rfc3339,
     users::{Role, User},
     with_pool,
@@ -91,17 +90,6 @@ fn parse_json(text: &Option<String>) -> Value {
 }
 
 impl Job {
-    /// The queue task that runs this job now (or at its `run_at`), on `queue`.
-    pub(super) fn enqueue(&self, queue: &'static str) -> Enqueue {
-        Enqueue {
-            job_id: self.id.clone(),
-            kind: self.kind.clone(),
-            queue,
-            priority: self.priority,
-            run_at_ms: self.run_at,
-        }
-    }
-
     pub fn status(&self) -> Status {
         Status::parse(&self.status).unwrap_or(Status::Dead)
     }

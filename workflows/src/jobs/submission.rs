@@ -1,5 +1,5 @@
-//! Submission: new job records and their queue tasks in one transaction, with the rows their
-//! capability stages, and the credits they hold.
+//! Submission: new job records (each also its queue entry) in one transaction, with the rows
+//! their capability stages, and the credits they hold.
 
 use serde_json::Value;
 
@@ -9,9 +9,7 @@ use crate::{
     db::Tx,
     effects::Rows,
     ledger::{self, Op},
-    now_ms,
-    queue::{self, Enqueue},
-    with_tx,
+    now_ms, with_tx,
 };
 
 /// A submission, already validated.
@@ -109,9 +107,7 @@ pub async fn submit_in(
         .map(|j| std::mem::take(&mut j.rows))
         .collect();
     let mut out = Vec::with_capacity(jobs.len());
-    let mut fresh: Vec<(usize, &'static str)> = Vec::new();
-    // Postgres: the task written with each job, by job id.
-    let mut task_ids: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    let mut fresh: Vec<usize> = Vec::new();
     for chunk in jobs.chunks(500) {
         let rows: Vec<Job> = chunk
             .iter()
@@ -147,17 +143,11 @@ pub async fn submit_in(
             })
             .collect();
         let inserted: Vec<String> = match &mut *tx {
-            // One statement writes the jobs and their queue tasks (a task only for a job it
-            // inserted: a replayed idempotency key inserts nothing).
+            // One statement writes the jobs: each row is also its queue entry, and the
+            // statement's trigger wakes the idle workers of their queues. A replayed
+            // idempotency key inserts nothing.
             Tx::Postgres(conn) => {
-                let enqueues: Vec<Enqueue> = rows
-                    .iter()
-                    .zip(chunk)
-                    .map(|(j, new)| j.enqueue(new.queue))
-                    .collect();
-                let t = queue::PgTaskRows::of(&enqueues)?;
-                let sql = format!(
-                    "WITH j AS (INSERT INTO tally_jobs (id, user_id, kind, queue, input, priority, \
+                let sql = "INSERT INTO tally_jobs (id, user_id, kind, queue, input, priority, \
                      status, attempts, max_attempts, idempotency_key, request_hash, run_at, \
                      created_at, updated_at, reservation_id) \
                      SELECT id, user_id, kind, queue, input, priority, 'queued', 0, max_attempts, \
@@ -166,13 +156,11 @@ pub async fn submit_in(
                      $8::int[], $9::text[], $10::text[], $11::bigint[], $12::text[]) AS v (id, \
                      user_id, kind, queue, input, priority, max_attempts, idempotency_key, \
                      request_hash, run_at, reservation_id) \
-                     ON CONFLICT DO NOTHING RETURNING id), t AS ({}) SELECT id FROM j",
-                    queue::pg_insert_tasks(13),
-                );
+                     ON CONFLICT DO NOTHING RETURNING id";
                 let col = |f: fn(&Job) -> &str| rows.iter().map(f).collect::<Vec<&str>>();
                 let opt = |f: fn(&Job) -> Option<&str>| rows.iter().map(f).collect::<Vec<_>>();
                 let int = |f: fn(&Job) -> i32| rows.iter().map(f).collect::<Vec<i32>>();
-                let ids: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                sqlx::query_scalar(sql)
                     .bind(now)
                     .bind(col(|j| &j.id))
                     .bind(col(|j| &j.user_id))
@@ -185,16 +173,8 @@ pub async fn submit_in(
                     .bind(opt(|j| j.request_hash.as_deref()))
                     .bind(rows.iter().map(|j| j.run_at).collect::<Vec<i64>>())
                     .bind(opt(|j| j.reservation_id.as_deref()))
-                    .bind(&t.job_ids)
-                    .bind(&t.ids)
-                    .bind(&t.queues)
-                    .bind(&t.payloads)
-                    .bind(&t.run_at_secs)
-                    .bind(&t.priorities)
                     .fetch_all(&mut **conn)
-                    .await?;
-                task_ids.extend(t.job_ids.into_iter().zip(t.ids));
-                ids
+                    .await?
             }
             Tx::Sqlite(conn) => {
                 let mut qb = sqlx::QueryBuilder::new(
@@ -222,9 +202,9 @@ pub async fn submit_in(
                 qb.build_query_scalar().fetch_all(&mut **conn).await?
             }
         };
-        for (row, new) in rows.into_iter().zip(chunk) {
+        for row in rows {
             if inserted.contains(&row.id) {
-                fresh.push((out.len(), new.queue));
+                fresh.push(out.len());
                 out.push(Ok((row, true)));
                 continue;
             }
@@ -251,18 +231,14 @@ pub async fn submit_in(
         }
     }
     // The rows the new jobs stage, before the ledger locks accounts (the global lock order).
-    let written = Rows::grouped(
-        fresh
-            .iter()
-            .flat_map(|(i, _)| std::mem::take(&mut staged[*i])),
-    );
+    let written = Rows::grouped(fresh.iter().flat_map(|i| std::mem::take(&mut staged[*i])));
     for rows in &written {
         rows.write(tx).await?;
     }
     // Each new job that costs credits holds them now; one its owner cannot cover is not kept.
     let mut holds = Vec::new();
     let mut ops = Vec::new();
-    for (i, _) in &fresh {
+    for i in &fresh {
         if let Ok((job, _)) = &out[*i]
             && let Some(rid) = &job.reservation_id
         {
@@ -313,25 +289,6 @@ pub async fn submit_in(
         for rows in &written {
             rows.forget(tx, &ids).await?;
         }
-        // On Postgres their queue tasks were written with them: they go too.
-        let tasks: Vec<&str> = refused
-            .iter()
-            .filter_map(|(id, _)| task_ids.get(id).map(String::as_str))
-            .collect();
-        if let Tx::Postgres(conn) = &mut *tx {
-            queue::pg_drop(conn, &tasks).await?;
-        }
-    }
-    // SQLite: the tasks of the jobs kept (Postgres wrote them with the jobs).
-    if matches!(tx, Tx::Sqlite(_)) {
-        let pushes: Vec<Enqueue> = fresh
-            .iter()
-            .filter_map(|(i, queue)| match &out[*i] {
-                Ok((job, true)) => Some(job.enqueue(queue)),
-                _ => None,
-            })
-            .collect();
-        queue::push(tx, &pushes).await?;
     }
     Ok(out)
 }

@@ -1,4 +1,0 @@
-ALTER TABLE
-    apalis.jobs
-ADD
-    COLUMN metadata jsonb;

@@ -1,4 +1,0 @@
-ALTER TABLE
-    apalis.workers
-ADD
-    COLUMN started_at TIMESTAMP WITH TIME ZONE;

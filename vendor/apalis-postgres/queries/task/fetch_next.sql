@@ -1,4 +1,0 @@
-SELECT
-    *
-FROM
-    apalis.get_jobs($1, $2, $3)

@@ -1,8 +1,0 @@
-SELECT
-    *
-FROM
-    apalis.jobs
-WHERE
-    id = $1
-LIMIT
-    1;
