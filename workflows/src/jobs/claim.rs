@@ -65,10 +65,18 @@ pub async fn claim_next(
     let mut claimed: Vec<Claimed> = if limits.is_set() {
         crate::limits::claim(db, worker, queue, n, now, limits).await?
     } else {
-        let sql = format!(
-            "UPDATE tally_jobs SET {TAKE} WHERE id IN ({}) RETURNING {CLAIMED}",
-            runnable(db.backend(), "$2", "$3", "$4")
-        );
+        // Postgres reads the candidates once into an array and updates them through the
+        // primary key: `id IN (subquery)` got a hash join over a scan of every job, finished
+        // ones too.
+        let picked = runnable(db.backend(), "$2", "$3", "$4");
+        let sql = match db {
+            Db::Postgres(_) => format!(
+                "UPDATE tally_jobs SET {TAKE} WHERE id = ANY(ARRAY({picked})) RETURNING {CLAIMED}"
+            ),
+            Db::Sqlite(_) => {
+                format!("UPDATE tally_jobs SET {TAKE} WHERE id IN ({picked}) RETURNING {CLAIMED}")
+            }
+        };
         with_pool!(db, pool => {
             sqlx::query_as(sqlx::AssertSqlSafe(sql))
                 .bind(worker)

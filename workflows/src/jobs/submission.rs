@@ -76,9 +76,9 @@ pub fn derived_id(cause: &str, name: &str) -> String {
         .to_string()
 }
 
-/// Submits jobs in one transaction: each record and its queue task commit together. With an
+/// Submits jobs in one transaction (each job's row is also its queue entry). With an
 /// idempotency key, a replay of the same request answers with the first job (`false`: nothing
-/// new was created). One multi-row insert and one batched queue push per 500 jobs.
+/// new was created). One insert statement per batch on Postgres, per 500 jobs on SQLite.
 /// Each job gets its own answer: an idempotency conflict refuses that job, not the others.
 pub async fn submit_many(
     db: &Db,
@@ -108,7 +108,13 @@ pub async fn submit_in(
         .collect();
     let mut out = Vec::with_capacity(jobs.len());
     let mut fresh: Vec<usize> = Vec::new();
-    for chunk in jobs.chunks(500) {
+    // Postgres binds each column as one array, so a statement takes any batch the callers
+    // make; SQLite binds 15 parameters per job, and allows 32,766 in a statement.
+    let per_statement = match tx {
+        Tx::Postgres(_) => 10_000,
+        Tx::Sqlite(_) => 500,
+    };
+    for chunk in jobs.chunks(per_statement) {
         let rows: Vec<Job> = chunk
             .iter()
             .map(|new| {
