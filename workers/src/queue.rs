@@ -33,7 +33,9 @@ use tokio::time::Sleep;
 
 use crate::poll::Every;
 
-type Fetch = Pin<Box<dyn Future<Output = Result<Vec<Claimed>, DbError>> + Send>>;
+/// A fetch runs as a task of its own: apalis stops polling a paused or busy worker's backend,
+/// and a fetch it left half done would hold its connection (SQLite's only one) until then.
+type Fetch = tokio::task::JoinHandle<Result<Vec<Claimed>, DbError>>;
 
 /// The jobs of one queue, claimed for this process.
 pub struct JobQueue {
@@ -87,7 +89,7 @@ impl JobQueue {
             self.limits.clone(),
             self.batch,
         );
-        self.fetch = Some(Box::pin(async move {
+        self.fetch = Some(tokio::spawn(async move {
             jobs::claim_next(&db, &worker, &queue, n, &limits).await
         }));
     }
@@ -111,7 +113,8 @@ impl Backend for JobQueue {
                 return Poll::Ready(Some(Ok(Task::new(job))));
             }
             if let Some(fetch) = self.fetch.as_mut() {
-                let fetched = ready!(fetch.as_mut().poll(cx));
+                let fetched = ready!(Pin::new(fetch).poll(cx))
+                    .unwrap_or_else(|e| Err(DbError::Batch(format!("a fetch task failed: {e}"))));
                 self.fetch = None;
                 match fetched {
                     Ok(jobs) => {
