@@ -345,6 +345,11 @@ impl WorkerPool {
 
 /// Beats every `every` and rescues the jobs of processes silent for `lease`, until `stop`. A
 /// failure is logged once per outage; the next beat tries again.
+///
+/// A process rescues only once its own beats have succeeded for a whole lease: then every
+/// live process has had the time to beat too. Right after the database comes back from an
+/// outage longer than the lease, every heartbeat is stale, and rescuing then would take the
+/// running jobs of live processes for lost.
 async fn beat_and_rescue(
     db: Db,
     name: String,
@@ -354,21 +359,29 @@ async fn beat_and_rescue(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut failing = false;
+    // Since when this process's beats have succeeded without a failure (its first beat was
+    // written before this loop starts).
+    let mut beating_since = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
+        let may_rescue = beating_since.elapsed() >= lease;
         let beat = async {
             lease::beat(&db, &name, &queues).await?;
-            lease::rescue(&db, lease).await
+            if may_rescue {
+                lease::rescue(&db, lease).await?;
+            }
+            Ok::<_, DbError>(())
         };
         match beat.await {
-            Ok(_) if failing => {
+            Ok(()) if failing => {
                 failing = false;
+                beating_since = tokio::time::Instant::now();
                 outage::back();
             }
-            Ok(_) => {}
+            Ok(()) => {}
             Err(e) => {
                 if e.is_unavailable() {
                     outage::lost("the worker's heartbeat", &e);
