@@ -92,18 +92,20 @@ pub async fn claim_next(
     Ok(claimed)
 }
 
+/// Notifies each distinct queue of `$2` on channel `$1`.
+const WAKE: &str =
+    "SELECT pg_notify($1, q) FROM (SELECT DISTINCT q FROM UNNEST($2::text[]) AS q) AS d";
+
 /// Wakes the idle workers of `queues` (Postgres; SQLite's workers watch for commits).
 pub(crate) async fn wake(db: &Db, queues: &[String]) -> Result<(), DbError> {
     if let Db::Postgres(pool) = db
         && !queues.is_empty()
     {
-        sqlx::query(
-            "SELECT pg_notify($1, q) FROM (SELECT DISTINCT q FROM UNNEST($2::text[]) AS q) AS d",
-        )
-        .bind(WAKE_CHANNEL)
-        .bind(queues)
-        .execute(pool)
-        .await?;
+        sqlx::query(WAKE)
+            .bind(WAKE_CHANNEL)
+            .bind(queues)
+            .execute(pool)
+            .await?;
     }
     Ok(())
 }
@@ -113,13 +115,11 @@ pub(crate) async fn wake_in(tx: &mut crate::db::Tx, queues: &[&str]) -> Result<(
     if let crate::db::Tx::Postgres(conn) = tx
         && !queues.is_empty()
     {
-        sqlx::query(
-            "SELECT pg_notify($1, q) FROM (SELECT DISTINCT q FROM UNNEST($2::text[]) AS q) AS d",
-        )
-        .bind(WAKE_CHANNEL)
-        .bind(queues)
-        .execute(&mut **conn)
-        .await?;
+        sqlx::query(WAKE)
+            .bind(WAKE_CHANNEL)
+            .bind(queues)
+            .execute(&mut **conn)
+            .await?;
     }
     Ok(())
 }
