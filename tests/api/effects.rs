@@ -20,6 +20,7 @@ both_backends!(
     follow_ups_commit_with_success_once_across_retries,
     follow_ups_of_death_commit_only_with_death,
     a_second_delivery_enqueues_no_follow_up_again,
+    an_outcome_applies_only_to_its_own_attempt,
     a_derived_id_is_submitted_once,
     bad_follow_ups_are_refused_at_submission,
 );
@@ -155,6 +156,71 @@ async fn a_second_delivery_enqueues_no_follow_up_again(backend: Backend) {
         .expect("claim");
     let ids: Vec<&str> = next.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(ids, vec![derived_id(&id, "then/0").as_str()]);
+    app.stop().await;
+}
+
+/// A process whose job was rescued (its heartbeat went stale) and that then claimed the same
+/// job again holds it under the same worker name: the late outcome of its first attempt must
+/// not end the second. Outcomes are fenced by attempt, not by worker name alone.
+async fn an_outcome_applies_only_to_its_own_attempt(backend: Backend) {
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
+        return;
+    };
+    let id = app
+        .submit(json!({"kind": "chain", "input": {"then": [{"kind": "echo"}]}}))
+        .await;
+    let none = tally_workflows::limits::Limits::none();
+    let claim = || async {
+        let claimed = jobs::claim_next(&app.db, "w:1", "system", 10, &none)
+            .await
+            .expect("claim");
+        let [claimed] = &claimed[..] else {
+            panic!("one job claimed: {claimed:?}");
+        };
+        claimed.clone()
+    };
+    let first = claim().await;
+    assert_eq!((first.id.as_str(), first.attempts), (id.as_str(), 1));
+    // "w:1" never beat: its running job is rescued, and "w:1" claims it again.
+    let rescued = jobs::lease::rescue(&app.db, Duration::from_secs(60))
+        .await
+        .expect("rescue");
+    assert_eq!(rescued, vec![id.clone()]);
+    let second = claim().await;
+    assert_eq!(second.attempts, 2);
+    let finish = |claimed: &jobs::Claimed, result: &str| {
+        let mut f = jobs::plan(claimed, jobs::Outcome::Succeeded(json!(result)), |_| {
+            Duration::from_secs(1)
+        });
+        f.on_success.follow_up(
+            "then/0",
+            NewJob::new(&claimed.user_id, &kinds::ECHO, json!(result)),
+        );
+        f
+    };
+    let late = jobs::finish_many(&app.db, "w:1", vec![finish(&first, "late")], Duration::ZERO)
+        .await
+        .expect("late outcome");
+    assert_eq!(
+        late,
+        vec![jobs::Status::Running],
+        "the first attempt's outcome applied"
+    );
+    let job = app.job(&id).await;
+    assert_eq!(job["status"], "running", "{job}");
+    assert!(jobs_of_kind(&app, "echo").await.is_empty());
+    let own = jobs::finish_many(&app.db, "w:1", vec![finish(&second, "own")], Duration::ZERO)
+        .await
+        .expect("own outcome");
+    assert_eq!(own, vec![jobs::Status::Succeeded]);
+    let job = app.job(&id).await;
+    assert_eq!(
+        (job["result"].clone(), job["attempts"].clone()),
+        (json!("own"), json!(2))
+    );
+    let echoes = jobs_of_kind(&app, "echo").await;
+    assert_eq!(echoes.len(), 1, "{echoes:?}");
+    assert_eq!(echoes[0]["input"], json!("own"));
     app.stop().await;
 }
 

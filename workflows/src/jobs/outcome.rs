@@ -29,6 +29,10 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct Finish {
     pub id: String,
+    /// The attempt this outcome is of (the job's `attempts` when it was claimed): an outcome
+    /// applies only to the attempt that made it, never to a later claim of the same job by the
+    /// same process (after a rescue took the job from it and it claimed the job again).
+    pub attempt: i32,
     pub status: Status,
     pub result: Option<String>,
     pub error: Option<String>,
@@ -76,6 +80,7 @@ pub fn plan(
     };
     Finish {
         id: claimed.id.clone(),
+        attempt: claimed.attempts,
         status,
         result,
         error,
@@ -129,8 +134,9 @@ impl Applied {
 
 /// Records many attempts' outcomes in one statement and one transaction. A retry needs no
 /// more: a `failed` job is its own queue entry, due at its `run_at`. A job this worker no
-/// longer holds (it lost its lease and another worker took over, or the outcome was already
-/// stored) is left alone: its answer is `Running`.
+/// longer holds in the outcome's attempt (it lost its lease and another worker, or a later
+/// claim of its own, took over; or the outcome was already stored) is left alone: its answer
+/// is `Running`.
 pub async fn finish_many(
     db: &Db,
     worker: &str,
@@ -159,6 +165,7 @@ pub async fn finish_many(
              finished_at = CASE WHEN tally_jobs.cancel_requested AND v.vstatus = 'failed' THEN {now} ELSE v.vfinished END, \
              result = v.vresult, error = v.verror, run_at = COALESCE(v.vrun_at, tally_jobs.run_at), updated_at = {now} \
              FROM v WHERE tally_jobs.id = v.vid AND tally_jobs.status = 'running' AND tally_jobs.worker = {worker} \
+             AND tally_jobs.attempts = v.vattempt \
              RETURNING tally_jobs.id, status, reservation_id"
         )
     };
@@ -178,8 +185,9 @@ pub async fn finish_many(
             // Rows of other tables are picked by `= ANY(ARRAY(...))`, read once: an
             // `IN (SELECT ...)` lets a generic plan scan the table and probe per row.
             let sql = format!(
-                "WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at) AS (SELECT * FROM \
-                 UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[])), \
+                "WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at, vattempt) AS (SELECT * FROM \
+                 UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], \
+                 $9::int[])), \
                  u AS ({}), \
                  r AS ({}) \
                  SELECT u.id, u.status, u.reservation_id, \
@@ -216,12 +224,13 @@ pub async fn finish_many(
                 )
                 .bind(finishes.iter().map(&finished).collect::<Vec<_>>())
                 .bind(finishes.iter().map(|f| f.retry_at).collect::<Vec<_>>())
+                .bind(finishes.iter().map(|f| f.attempt).collect::<Vec<_>>())
                 .fetch_all(&mut **tx)
                 .await?
         }
         Tx::Sqlite(tx) => {
             let mut qb = sqlx::QueryBuilder::new(
-                "WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at) AS (",
+                "WITH v (vid, vstatus, vresult, verror, vfinished, vrun_at, vattempt) AS (",
             );
             qb.push_values(&finishes, |mut b, f| {
                 b.push_bind(&f.id)
@@ -229,7 +238,8 @@ pub async fn finish_many(
                     .push_bind(&f.result)
                     .push_bind(&f.error)
                     .push_bind(finished(f))
-                    .push_bind(f.retry_at);
+                    .push_bind(f.retry_at)
+                    .push_bind(f.attempt);
             });
             qb.push(") ");
             crate::db::push_numbered(&mut qb, &set("$1", "$2"), |qb, n| {
