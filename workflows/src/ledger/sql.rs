@@ -1,6 +1,14 @@
 //! The ledger's batch statements, per dialect. On Postgres each statement binds whole arrays
-//! (`= ANY($1)`, `UNNEST`), so its text never changes with the batch size and the prepared
-//! statement is reused; SQLite prepares statements cheaply and gets multi-row `VALUES` lists.
+//! (`= ANY($1)`, `UNNEST`), so its text never changes with the batch size; SQLite prepares
+//! statements cheaply and gets multi-row `VALUES` lists.
+//!
+//! The Postgres statements that find rows by key (all but the batch's write) are planned at each batch
+//! (`persistent(false)`), not once per connection: a connection's cached generic plan, made
+//! while a table was new and small, goes on scanning the whole table (comparing every row with
+//! every key, or hashing it for a join) as the table grows, until autovacuum next analyzes it.
+//! On a new database that was half of `tally bench --ledger`'s time, and the signer's
+//! `set_seqs` read every transfer ever made; planning costs a fraction of a millisecond per
+//! batch.
 
 use tally_ledger::{Hash, NodeId, accounts};
 
@@ -27,6 +35,7 @@ pub(super) async fn reservations_for_update(
                 "SELECT {RESERVATION_COLUMNS} FROM ledger_reservations WHERE id = ANY($1) ORDER BY id FOR UPDATE"
             );
             Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .persistent(false)
                 .bind(ids)
                 .fetch_all(&mut **tx)
                 .await?)
@@ -111,6 +120,7 @@ async fn lock_existing(tx: &mut Tx, ids: &[String]) -> Result<Vec<(String, i64)>
         Tx::Postgres(tx) => Ok(sqlx::query_as(
             "SELECT id, balance FROM ledger_accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
         )
+        .persistent(false)
         .bind(ids)
         .fetch_all(&mut **tx)
         .await?),
@@ -163,12 +173,9 @@ pub(super) async fn transfers_by_id(tx: &mut Tx, ids: &[&str]) -> Result<Vec<Tra
     }
     match tx {
         Tx::Postgres(tx) => {
-            // A join, not `id = ANY($1)`: the generic plan of the latter may leave the
-            // primary key for a scan once the table grew.
-            let sql = format!(
-                "SELECT {TRANSFER_COLUMNS} FROM UNNEST($1::text[]) AS v (vid) JOIN ledger_transfers ON id = vid"
-            );
+            let sql = format!("SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE id = ANY($1)");
             Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .persistent(false)
                 .bind(ids)
                 .fetch_all(&mut **tx)
                 .await?)
@@ -200,6 +207,9 @@ pub(super) async fn write_batch(
     let int = |f: fn(&Reservation) -> Option<i64>| rs.iter().map(|r| f(r)).collect::<Vec<_>>();
     // The order number is drawn only if there are transfers (the subquery runs for the first
     // row), while this transaction holds every account the batch touches.
+    // Unlike the reads by key, this statement keeps its prepared plan: planning its three
+    // writes at every batch cost more than its plan's worst (hashing the accounts of a new
+    // database for the update; measured with `tally bench --ledger`, about 10%).
     sqlx::query(
         "WITH t AS (INSERT INTO ledger_transfers (id, debit, credit, amount, kind, user_id, \
          reservation_id, job_id, memo, created_at, ord, pos) \
@@ -334,6 +344,7 @@ pub(super) async fn set_seqs(tx: &mut Tx, seqs: &[(&str, i64)]) -> Result<(), Db
                 "UPDATE ledger_transfers SET seq = v.seq \
                  FROM UNNEST($1::text[], $2::bigint[]) AS v (id, seq) WHERE ledger_transfers.id = v.id",
             )
+            .persistent(false)
             .bind(seqs.iter().map(|(id, _)| *id).collect::<Vec<_>>())
             .bind(seqs.iter().map(|(_, s)| *s).collect::<Vec<i64>>())
             .execute(&mut **tx)
