@@ -2,13 +2,16 @@
 //! (`= ANY($1)`, `UNNEST`), so its text never changes with the batch size; SQLite prepares
 //! statements cheaply and gets multi-row `VALUES` lists.
 //!
-//! The Postgres statements that find rows by key (all but the batch's write) are planned at each batch
+//! Some Postgres statements that find rows by key are planned at each batch
 //! (`persistent(false)`), not once per connection: a connection's cached generic plan, made
 //! while a table was new and small, goes on scanning the whole table (comparing every row with
 //! every key, or hashing it for a join) as the table grows, until autovacuum next analyzes it.
 //! On a new database that was half of `tally bench --ledger`'s time, and the signer's
-//! `set_seqs` read every transfer ever made; planning costs a fraction of a millisecond per
-//! batch.
+//! `set_seqs` read every transfer ever made. An unnamed statement costs a second round trip
+//! (sqlx describes it before it binds) and its planning, so only the statements whose cached
+//! plan went wrong are planned each time: the reservations' lock, transfers by id and
+//! `set_seqs`. The accounts' lock (its generic plan kept the primary key) and the batch's
+//! write (planning its three writes cost about 10%) stay prepared.
 
 use tally_ledger::{Hash, NodeId, accounts};
 
@@ -120,7 +123,6 @@ async fn lock_existing(tx: &mut Tx, ids: &[String]) -> Result<Vec<(String, i64)>
         Tx::Postgres(tx) => Ok(sqlx::query_as(
             "SELECT id, balance FROM ledger_accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
         )
-        .persistent(false)
         .bind(ids)
         .fetch_all(&mut **tx)
         .await?),
@@ -207,9 +209,7 @@ pub(super) async fn write_batch(
     let int = |f: fn(&Reservation) -> Option<i64>| rs.iter().map(|r| f(r)).collect::<Vec<_>>();
     // The order number is drawn only if there are transfers (the subquery runs for the first
     // row), while this transaction holds every account the batch touches.
-    // Unlike the reads by key, this statement keeps its prepared plan: planning its three
-    // writes at every batch cost more than its plan's worst (hashing the accounts of a new
-    // database for the update; measured with `tally bench --ledger`, about 10%).
+    // Prepared (see the module's note): planning it at every batch cost about 10%.
     sqlx::query(
         "WITH t AS (INSERT INTO ledger_transfers (id, debit, credit, amount, kind, user_id, \
          reservation_id, job_id, memo, created_at, ord, pos) \
