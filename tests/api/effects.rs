@@ -48,6 +48,35 @@ async fn jobs_of_kind(app: &TestApp, kind: &str) -> Vec<Value> {
     v["jobs"].as_array().expect("jobs").clone()
 }
 
+/// Claims the one job due on `system` as worker `w:1`.
+async fn claim_the_job(app: &TestApp) -> jobs::Claimed {
+    let none = tally_workflows::limits::Limits::none();
+    let claimed = jobs::claim_next(&app.db, "w:1", "system", 10, &none)
+        .await
+        .expect("claim");
+    let [claimed] = &claimed[..] else {
+        panic!("one job claimed: {claimed:?}");
+    };
+    claimed.clone()
+}
+
+/// The attempt's success with `result`, staging one `echo` follow-up (`then/0`) whose input is
+/// `follow_up`.
+fn succeeded_with_follow_up(
+    claimed: &jobs::Claimed,
+    result: &str,
+    follow_up: &str,
+) -> jobs::Finish {
+    let mut f = jobs::plan(claimed, jobs::Outcome::Succeeded(json!(result)), |_| {
+        Duration::from_secs(1)
+    });
+    f.on_success.follow_up(
+        "then/0",
+        NewJob::new(&claimed.user_id, &kinds::ECHO, json!(follow_up)),
+    );
+    f
+}
+
 async fn follow_ups_commit_with_success_once_across_retries(backend: Backend) {
     let Some(app) = TestApp::spawn_with(backend, fast_retries()).await else {
         return;
@@ -117,25 +146,9 @@ async fn a_second_delivery_enqueues_no_follow_up_again(backend: Backend) {
     let id = app
         .submit(json!({"kind": "chain", "input": {"then": [{"kind": "echo"}]}}))
         .await;
-    let none = tally_workflows::limits::Limits::none();
-    let claimed = jobs::claim_next(&app.db, "w:1", "system", 10, &none)
-        .await
-        .expect("claim");
-    let [claimed] = &claimed[..] else {
-        panic!("one job claimed: {claimed:?}");
-    };
+    let claimed = claim_the_job(&app).await;
     assert_eq!(claimed.id, id);
-    let user_id = claimed.user_id.clone();
-    let finish = || {
-        let mut f = jobs::plan(claimed, jobs::Outcome::Succeeded(json!("done")), |_| {
-            Duration::from_secs(1)
-        });
-        f.on_success.follow_up(
-            "then/0",
-            NewJob::new(&user_id, &kinds::ECHO, json!("follow-up")),
-        );
-        f
-    };
+    let finish = || succeeded_with_follow_up(&claimed, "done", "follow-up");
     let first = jobs::finish_many(&app.db, "w:1", vec![finish()], Duration::ZERO)
         .await
         .expect("first delivery");
@@ -151,6 +164,7 @@ async fn a_second_delivery_enqueues_no_follow_up_again(backend: Backend) {
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["attempts"], 1, "{job}");
     // The finished job is not the queue's any more; the follow-up is.
+    let none = tally_workflows::limits::Limits::none();
     let next = jobs::claim_next(&app.db, "w:2", "system", 10, &none)
         .await
         .expect("claim");
@@ -169,35 +183,17 @@ async fn an_outcome_applies_only_to_its_own_attempt(backend: Backend) {
     let id = app
         .submit(json!({"kind": "chain", "input": {"then": [{"kind": "echo"}]}}))
         .await;
-    let none = tally_workflows::limits::Limits::none();
-    let claim = || async {
-        let claimed = jobs::claim_next(&app.db, "w:1", "system", 10, &none)
-            .await
-            .expect("claim");
-        let [claimed] = &claimed[..] else {
-            panic!("one job claimed: {claimed:?}");
-        };
-        claimed.clone()
-    };
-    let first = claim().await;
+    let first = claim_the_job(&app).await;
     assert_eq!((first.id.as_str(), first.attempts), (id.as_str(), 1));
     // "w:1" never beat: its running job is rescued, and "w:1" claims it again.
     let rescued = jobs::lease::rescue(&app.db, Duration::from_secs(60))
         .await
         .expect("rescue");
     assert_eq!(rescued, vec![id.clone()]);
-    let second = claim().await;
+    let second = claim_the_job(&app).await;
     assert_eq!(second.attempts, 2);
-    let finish = |claimed: &jobs::Claimed, result: &str| {
-        let mut f = jobs::plan(claimed, jobs::Outcome::Succeeded(json!(result)), |_| {
-            Duration::from_secs(1)
-        });
-        f.on_success.follow_up(
-            "then/0",
-            NewJob::new(&claimed.user_id, &kinds::ECHO, json!(result)),
-        );
-        f
-    };
+    let finish =
+        |claimed: &jobs::Claimed, result: &str| succeeded_with_follow_up(claimed, result, result);
     let late = jobs::finish_many(&app.db, "w:1", vec![finish(&first, "late")], Duration::ZERO)
         .await
         .expect("late outcome");

@@ -9,8 +9,7 @@
 //! On a new database that was half of `tally bench --ledger`'s time, and the signer's
 //! `set_seqs` read every transfer ever made. An unnamed statement costs a second round trip
 //! (sqlx describes it before it binds) and its planning, so only the statements whose cached
-//! plan went wrong are planned each time: the reservations' lock, transfers by id and
-//! `set_seqs`. The accounts' lock (its generic plan kept the primary key) and the batch's
+//! plan went wrong are planned each time: the reservations' lock and `set_seqs`. The accounts' lock (its generic plan kept the primary key) and the batch's
 //! write (planning its three writes cost about 10%) stay prepared.
 
 use tally_ledger::{Hash, NodeId, accounts};
@@ -175,9 +174,12 @@ pub(super) async fn transfers_by_id(tx: &mut Tx, ids: &[&str]) -> Result<Vec<Tra
     }
     match tx {
         Tx::Postgres(tx) => {
-            let sql = format!("SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE id = ANY($1)");
+            // A join, not `id = ANY($1)`: the generic plan of the latter may leave the
+            // primary key for a scan once the table grew.
+            let sql = format!(
+                "SELECT {TRANSFER_COLUMNS} FROM UNNEST($1::text[]) AS v (vid) JOIN ledger_transfers ON id = vid"
+            );
             Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .persistent(false)
                 .bind(ids)
                 .fetch_all(&mut **tx)
                 .await?)
