@@ -139,12 +139,15 @@ async fn ask(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let id = parse_conversation_id(&id)?;
     crate::extract::text("content", &body.content, MAX_CONTENT)?;
-    // One read: the conversation, the user's preferences and the history's size.
+    // One read, batched with concurrent questions': the conversation, the user's preferences
+    // and the history's size.
     let chat::QuestionContext {
         conversation: c,
         preferences: prefs,
         history_tokens,
-    } = chat::question_context(&state.db, &id, &user.id)
+    } = state
+        .question_contexts
+        .call((id, user.id.clone()))
         .await?
         .ok_or_else(|| ApiError::not_found("no conversation with this id"))?;
     let model = pick(

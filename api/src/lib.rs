@@ -53,6 +53,10 @@ pub struct AppState {
         tally_workflows::chat::Question,
         Result<(tally_workflows::chat::Message, Job), JobError>,
     >,
+    /// What concurrent questions need read (their conversations, preferences and history
+    /// sizes), read together.
+    pub question_contexts:
+        Batcher<tally_workflows::chat::Asker, Option<tally_workflows::chat::QuestionContext>>,
     /// Ledger operations from all concurrent requests, group-committed.
     pub ledger: tally_workflows::ledger::Writer,
     /// The ledger's signing key (if this process signs) and trusted public keys.
@@ -92,6 +96,16 @@ impl AppState {
                 },
             )
         };
+        let question_contexts = {
+            let db = db.clone();
+            Batcher::spawn(
+                MAX_SUBMIT_BATCH,
+                move |askers: Vec<tally_workflows::chat::Asker>| {
+                    let db = db.clone();
+                    async move { tally_workflows::chat::question_contexts(&db, askers).await }
+                },
+            )
+        };
         // The configuration was validated with the same rule, so this cannot fail here; if it
         // did, the offline models are the safe catalog (they never reach the network).
         let catalog = tally_workflows::ai::Catalog::from_config(&cfg.ai)
@@ -105,6 +119,7 @@ impl AppState {
             cfg: Arc::new(cfg),
             submissions,
             questions,
+            question_contexts,
             ledger,
             ledger_keys: Arc::new(ledger_keys),
             keys: Arc::default(),

@@ -26,6 +26,15 @@ async fn conversation(app: &TestApp, key: &str, body: Value) -> (String, String)
     (id, path)
 }
 
+/// The conversation `cid` with its messages, as `key` sees it.
+async fn show(app: &TestApp, key: &str, cid: &str) -> Value {
+    json_of(
+        app.get(key, &format!("/v1/chat/conversations/{cid}")).await,
+        StatusCode::OK,
+    )
+    .await
+}
+
 async fn offline_conversation(backend: Backend) {
     let Some(app) = TestApp::spawn(backend).await else {
         return;
@@ -46,12 +55,7 @@ async fn offline_conversation(backend: Backend) {
         .post(&key, &path, json!({ "content": "Where to?" }))
         .await;
     assert_problem(resp, StatusCode::PAYMENT_REQUIRED).await;
-    let conv = json_of(
-        app.get(&key, &format!("/v1/chat/conversations/{cid}"))
-            .await,
-        StatusCode::OK,
-    )
-    .await;
+    let conv = show(&app, &key, &cid).await;
     assert_eq!(conv["messages"].as_array().map(Vec::len), Some(0), "{conv}");
     assert_eq!(
         app.queue_size().await,
@@ -76,12 +80,7 @@ async fn offline_conversation(backend: Backend) {
     let job = app
         .wait_for(&job_id, &["succeeded"], Duration::from_secs(20))
         .await;
-    let conv = json_of(
-        app.get(&key, &format!("/v1/chat/conversations/{cid}"))
-            .await,
-        StatusCode::OK,
-    )
-    .await;
+    let conv = show(&app, &key, &cid).await;
     let messages = conv["messages"].as_array().expect("messages");
     assert_eq!(messages.len(), 2, "{conv}");
     assert_eq!(
@@ -330,12 +329,7 @@ async fn provider_usage_refusals_and_fallback(backend: Backend) {
         seen + 1,
         "not retried"
     );
-    let conv = json_of(
-        app.get(&key, &format!("/v1/chat/conversations/{cid}"))
-            .await,
-        StatusCode::OK,
-    )
-    .await;
+    let conv = show(&app, &key, &cid).await;
     assert_eq!(
         conv["messages"].as_array().map(Vec::len),
         Some(5),
@@ -432,12 +426,7 @@ async fn estimates_count_characters_like_the_rule(backend: Backend) {
         .await;
         let job_id = asked["job_id"].as_str().expect("job id").to_owned();
         // What the rule says for the history as stored, plus the new question.
-        let conv = json_of(
-            app.get(&key, &format!("/v1/chat/conversations/{cid}"))
-                .await,
-            StatusCode::OK,
-        )
-        .await;
+        let conv = show(&app, &key, &cid).await;
         let history: Vec<Value> = conv["messages"]
             .as_array()
             .expect("messages")
@@ -474,7 +463,112 @@ async fn estimates_count_characters_like_the_rule(backend: Backend) {
     app.stop().await;
 }
 
+/// Questions asked at once are read and stored in batches: each gets its own conversation's
+/// answer, another user's conversation is a 404 and a user without credits a 402 in the same
+/// batch, and nothing of the refused ones is kept. A conversation's `updated_at` is its last
+/// message's time.
+async fn concurrent_questions_each_get_their_own_answer(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
+    let key = app.user_key.clone();
+    app.grant(&app.user_id, 1_000).await;
+    let other = app.new_user("broke@example.com").await;
+    let mut mine = Vec::new();
+    for title in ["a", "b", "c"] {
+        mine.push(conversation(&app, &key, json!({ "title": title })).await);
+    }
+    let (theirs_id, theirs) = conversation(&app, &other, json!({ "title": "theirs" })).await;
+    let created = show(&app, &key, &mine[0].0).await;
+    // (who, where, the answer expected, the conversation it belongs to)
+    let mut asks = Vec::new();
+    for round in 0..3 {
+        for (cid, path) in &mine {
+            asks.push((
+                key.clone(),
+                path.clone(),
+                StatusCode::ACCEPTED,
+                cid.clone(),
+                round,
+            ));
+            asks.push((
+                other.clone(),
+                path.clone(),
+                StatusCode::NOT_FOUND,
+                cid.clone(),
+                round,
+            ));
+        }
+        asks.push((
+            key.clone(),
+            theirs.clone(),
+            StatusCode::NOT_FOUND,
+            theirs_id.clone(),
+            round,
+        ));
+        asks.push((
+            other.clone(),
+            theirs.clone(),
+            StatusCode::PAYMENT_REQUIRED,
+            theirs_id.clone(),
+            round,
+        ));
+    }
+    let answers = futures::future::join_all(asks.iter().map(|(who, path, _, _, round)| {
+        let body = json!({ "content": format!("question {round}") });
+        app.post(who, path, body)
+    }))
+    .await;
+    let mut jobs = Vec::new();
+    for ((_, path, expected, cid, _), resp) in asks.iter().zip(answers) {
+        if *expected == StatusCode::ACCEPTED {
+            let asked = json_of(resp, StatusCode::ACCEPTED).await;
+            assert_eq!(asked["conversation_id"], cid.as_str(), "{path}: {asked}");
+            jobs.push(asked["job_id"].as_str().expect("job id").to_owned());
+        } else {
+            assert_problem(resp, *expected).await;
+        }
+    }
+    assert_eq!(jobs.len(), 9);
+    for job in &jobs {
+        app.wait_for(job, &["succeeded"], Duration::from_secs(20))
+            .await;
+    }
+    for (cid, _) in &mine {
+        let conv = show(&app, &key, cid).await;
+        let messages = conv["messages"].as_array().expect("messages");
+        assert_eq!(
+            messages.len(),
+            6,
+            "three questions and their replies: {conv}"
+        );
+        let questions = messages.iter().filter(|m| m["role"] == "user").count();
+        assert_eq!(questions, 3, "{conv}");
+        let last = messages
+            .iter()
+            .filter_map(|m| m["created_at"].as_str())
+            .max();
+        assert_eq!(conv["updated_at"].as_str(), last, "{conv}");
+    }
+    assert_eq!(
+        created["updated_at"], created["created_at"],
+        "a conversation without messages was updated when it was made: {created}"
+    );
+    let theirs_now = show(&app, &other, &theirs_id).await;
+    assert_eq!(
+        theirs_now["messages"].as_array().map(Vec::len),
+        Some(0),
+        "refused questions are not kept: {theirs_now}"
+    );
+    assert_eq!(
+        theirs_now["updated_at"], theirs_now["created_at"],
+        "{theirs_now}"
+    );
+    app.stop().await;
+}
+
 crate::both_backends!(
+    concurrent_questions_each_get_their_own_answer,
     estimates_count_characters_like_the_rule,
     offline_conversation,
     provider_usage_refusals_and_fallback,

@@ -58,7 +58,12 @@ pub struct Message {
     pub created_at: i64,
 }
 
-const CONVERSATION_COLUMNS: &str = "id, user_id, title, model, created_at, updated_at";
+/// A conversation's columns, read from `ai_conversations c`. Its `updated_at` is its last
+/// message's time (or its creation's): derived, so a message never writes its conversation's
+/// row (a row every question and reply of the conversation would otherwise update and lock).
+const CONVERSATION_COLUMNS: &str = "c.id, c.user_id, c.title, c.model, c.created_at, \
+    COALESCE((SELECT MAX(m.created_at) FROM ai_messages m WHERE m.conversation_id = c.id), \
+    c.updated_at) AS updated_at";
 const MESSAGE_COLUMNS: &str = "id, conversation_id, role, content, job_id, model, provider, \
     input_tokens, output_tokens, created_at";
 
@@ -119,7 +124,7 @@ pub async fn create(
 /// The conversation, if it is this user's.
 pub async fn get(db: &Db, id: &str, user_id: &str) -> Result<Option<Conversation>, DbError> {
     let sql = format!(
-        "SELECT {CONVERSATION_COLUMNS} FROM ai_conversations WHERE id = $1 AND user_id = $2"
+        "SELECT {CONVERSATION_COLUMNS} FROM ai_conversations c WHERE c.id = $1 AND c.user_id = $2"
     );
     let c: Option<Conversation> = with_pool!(db, pool => {
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).bind(user_id).fetch_optional(pool).await?
@@ -127,9 +132,9 @@ pub async fn get(db: &Db, id: &str, user_id: &str) -> Result<Option<Conversation
     Ok(c)
 }
 
-/// What answering a new question in a conversation needs, read in one statement: the
-/// conversation (if it is this user's), the user's preferences, and the tokens of its history
-/// by the estimate rule ([`crate::ai::tokens::count_messages`], counted by the database).
+/// What answering a new question in a conversation needs: the conversation (if it is this
+/// user's), the user's preferences, and the tokens of its history by the estimate rule
+/// ([`crate::ai::tokens::count_messages`], counted by the database).
 #[derive(Debug, Clone)]
 pub struct QuestionContext {
     pub conversation: Conversation,
@@ -139,6 +144,8 @@ pub struct QuestionContext {
 
 #[derive(sqlx::FromRow)]
 struct QuestionContextRow {
+    /// The question's place in the batch (0-based).
+    at: i64,
     #[sqlx(flatten)]
     conversation: Conversation,
     #[sqlx(flatten)]
@@ -146,27 +153,75 @@ struct QuestionContextRow {
     history_tokens: i64,
 }
 
-pub async fn question_context(
+/// Who asks in which conversation: a conversation id and the asking user's id.
+pub type Asker = (String, String);
+
+/// [`QuestionContext`]s of many questions at once (the API batches the reads of concurrent
+/// questions): one statement on Postgres whatever the batch, one per question on SQLite
+/// (in-process, where a statement costs no round trip). `None` where the conversation is
+/// not that user's.
+pub async fn question_contexts(
     db: &Db,
-    id: &str,
-    user_id: &str,
-) -> Result<Option<QuestionContext>, DbError> {
+    askers: Vec<Asker>,
+) -> Result<Vec<Option<QuestionContext>>, DbError> {
     // `(chars + 3) / 4 + 4` per message is `tokens::count` plus framing: LENGTH counts
     // characters on both backends (on a UTF-8 Postgres database).
-    let sql = "SELECT c.id, c.user_id, c.title, c.model, c.created_at, c.updated_at, \
-        p.chat_model, p.image_model, p.temperature, p.max_tokens, \
-        (SELECT COALESCE(SUM((LENGTH(m.content) + 3) / 4 + 4), 0) FROM ai_messages m \
-         WHERE m.conversation_id = c.id) AS history_tokens \
-        FROM ai_conversations c LEFT JOIN ai_preferences p ON p.user_id = c.user_id \
-        WHERE c.id = $1 AND c.user_id = $2";
-    let row: Option<QuestionContextRow> = with_pool!(db, pool => {
-        sqlx::query_as(sql).bind(id).bind(user_id).fetch_optional(pool).await?
-    });
-    Ok(row.map(|r| QuestionContext {
-        conversation: r.conversation,
-        preferences: r.preferences.into(),
-        history_tokens: u64::try_from(r.history_tokens).unwrap_or(0),
-    }))
+    let select = format!(
+        "{CONVERSATION_COLUMNS}, p.chat_model, p.image_model, p.temperature, p.max_tokens, \
+         (SELECT COALESCE(SUM((LENGTH(m.content) + 3) / 4 + 4), 0) FROM ai_messages m \
+         WHERE m.conversation_id = c.id) AS history_tokens"
+    );
+    let rows: Vec<QuestionContextRow> = match db {
+        Db::Postgres(pool) => {
+            // Planned at each batch: a generic plan made while the conversations were few
+            // would scan them all for every batch (see ARCHITECTURE.md, "planned at each
+            // execution").
+            let sql = format!(
+                "SELECT q.at - 1 AS at, {select} FROM UNNEST($1::text[], $2::text[]) \
+                 WITH ORDINALITY AS q (id, user_id, at) \
+                 JOIN ai_conversations c ON c.id = q.id AND c.user_id = q.user_id \
+                 LEFT JOIN ai_preferences p ON p.user_id = c.user_id"
+            );
+            let (ids, users): (Vec<&str>, Vec<&str>) =
+                askers.iter().map(|(c, u)| (c.as_str(), u.as_str())).unzip();
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .persistent(false)
+                .bind(ids)
+                .bind(users)
+                .fetch_all(pool)
+                .await?
+        }
+        Db::Sqlite(pool) => {
+            let sql = format!(
+                "SELECT 0 AS at, {select} FROM ai_conversations c \
+                 LEFT JOIN ai_preferences p ON p.user_id = c.user_id \
+                 WHERE c.id = $1 AND c.user_id = $2"
+            );
+            let mut conn = pool.acquire().await?;
+            let mut rows = Vec::with_capacity(askers.len());
+            for (at, (id, user_id)) in askers.iter().enumerate() {
+                let row: Option<QuestionContextRow> =
+                    sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+                        .bind(id)
+                        .bind(user_id)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                rows.extend(row.map(|r| QuestionContextRow { at: at as i64, ..r }));
+            }
+            rows
+        }
+    };
+    let mut out: Vec<Option<QuestionContext>> = vec![None; askers.len()];
+    for r in rows {
+        if let Some(slot) = usize::try_from(r.at).ok().and_then(|i| out.get_mut(i)) {
+            *slot = Some(QuestionContext {
+                conversation: r.conversation,
+                preferences: r.preferences.into(),
+                history_tokens: u64::try_from(r.history_tokens).unwrap_or(0),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// The user's conversations, newest first; `before` is the previous page's last id.
@@ -178,8 +233,8 @@ pub async fn list(
 ) -> Result<(Vec<Conversation>, Option<String>), DbError> {
     let limit = i64::from(limit.clamp(1, 200));
     let sql = format!(
-        "SELECT {CONVERSATION_COLUMNS} FROM ai_conversations WHERE user_id = $1 \
-         AND ($2 IS NULL OR id < $2) ORDER BY id DESC LIMIT $3"
+        "SELECT {CONVERSATION_COLUMNS} FROM ai_conversations c WHERE c.user_id = $1 \
+         AND ($2 IS NULL OR c.id < $2) ORDER BY c.id DESC LIMIT $3"
     );
     let mut rows: Vec<Conversation> = with_pool!(db, pool => {
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(user_id).bind(before).bind(limit + 1).fetch_all(pool).await?
@@ -282,9 +337,9 @@ pub async fn ask_many(
 }
 
 /// The conversations' messages, as rows that jobs stage: a question with its job, a reply
-/// with its job's success. A message already stored is kept; each write touches the
-/// messages' conversations (`updated_at`), locking them in id order, so two batches that
-/// touch the same conversations never deadlock.
+/// with its job's success. A message already stored is kept. Writing messages never writes
+/// or locks their conversations (whose `updated_at` is derived from them), so concurrent
+/// questions and replies in one conversation never wait on each other.
 pub struct Messages;
 
 impl Table for Messages {
@@ -314,15 +369,10 @@ async fn pg_insert_many(
         return Ok(());
     }
     let rows = PgMessageRows::of(ms);
-    // The conversations are locked in id order: an `UPDATE ... WHERE id IN (...)` locks rows in
-    // whatever order it meets them.
     let sql = format!(
-        "WITH m AS (INSERT INTO ai_messages ({MESSAGE_COLUMNS}) SELECT * FROM UNNEST($1::text[], \
+        "INSERT INTO ai_messages ({MESSAGE_COLUMNS}) SELECT * FROM UNNEST($1::text[], \
          $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[], \
-         $9::bigint[], $10::bigint[]) ON CONFLICT (id) DO NOTHING RETURNING conversation_id) \
-         UPDATE ai_conversations SET updated_at = $11 FROM (SELECT id FROM ai_conversations \
-         WHERE id = ANY(ARRAY(SELECT conversation_id FROM m)) ORDER BY id FOR NO KEY UPDATE) \
-         AS l WHERE ai_conversations.id = l.id"
+         $9::bigint[], $10::bigint[]) ON CONFLICT (id) DO NOTHING"
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&rows.ids)
@@ -335,7 +385,6 @@ async fn pg_insert_many(
         .bind(&rows.input_tokens)
         .bind(&rows.output_tokens)
         .bind(&rows.created_at)
-        .bind(now_ms())
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -346,7 +395,6 @@ async fn sqlite_insert_many(
     tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
     ms: &[Message],
 ) -> Result<(), DbError> {
-    let now = now_ms();
     for chunk in ms.chunks(500) {
         let mut qb =
             sqlx::QueryBuilder::new(format!("INSERT INTO ai_messages ({MESSAGE_COLUMNS}) "));
@@ -363,14 +411,6 @@ async fn sqlite_insert_many(
                 .push_bind(m.created_at);
         });
         qb.push(" ON CONFLICT (id) DO NOTHING");
-        qb.build().execute(&mut **tx).await?;
-        let mut qb = sqlx::QueryBuilder::new("UPDATE ai_conversations SET updated_at = ");
-        qb.push_bind(now).push(" WHERE id IN (");
-        let mut list = qb.separated(", ");
-        for m in chunk {
-            list.push_bind(&m.conversation_id);
-        }
-        qb.push(")");
         qb.build().execute(&mut **tx).await?;
     }
     Ok(())
@@ -441,13 +481,16 @@ pub async fn histories_for(
         Db::Postgres(pool) => {
             // The conversations are read once, into an array: with `IN (SELECT ...)` a generic
             // plan could probe the questions once per message (16 times slower, seen when the
-            // plan was made while the tables were nearly empty).
+            // plan was made while the tables were nearly empty). Planned at each batch: a
+            // generic plan made while the messages were few scanned them all, twice, at every
+            // batch (23 ms a batch at 40,000 messages).
             let sql = format!(
                 "SELECT {MESSAGE_COLUMNS} FROM ai_messages WHERE conversation_id = ANY(ARRAY(\
                  SELECT conversation_id FROM ai_messages WHERE id = ANY($1))) \
                  ORDER BY conversation_id, created_at, id"
             );
             sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .persistent(false)
                 .bind(&questions)
                 .fetch_all(pool)
                 .await?
