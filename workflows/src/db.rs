@@ -146,11 +146,19 @@ fn migrator(base: &Migrator) -> Migrator {
 /// transfer) flushes everything before it. A claim lost that way leaves its job queued, to run
 /// again, as it would had the worker died. Money and outcomes never go through such a pool.
 ///
+/// Its statements are planned at every execution (`plan_cache_mode = force_custom_plan`), still
+/// prepared once: a worker usually starts while `tally_jobs` is small, and the generic plan
+/// its claim got then read the candidates' ids by scanning every job, comparing each with each
+/// id (44 ms a claim once the table held 20,000 jobs, in `tally bench --ai`). A custom plan
+/// sees the table's current size (see ARCHITECTURE.md, "planned at each execution").
+///
 /// It connects when first used, so a server that goes away while a worker process starts is
 /// waited for like during any other outage, instead of ending the process.
 pub async fn pg_bookkeeping_pool(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
-    let options =
-        sqlx::postgres::PgConnectOptions::from_str(url)?.options([("synchronous_commit", "off")]);
+    let options = sqlx::postgres::PgConnectOptions::from_str(url)?.options([
+        ("synchronous_commit", "off"),
+        ("plan_cache_mode", "force_custom_plan"),
+    ]);
     Ok(pool_options::<Postgres>()
         .max_connections(max_connections)
         .acquire_timeout(PG_ACQUIRE_TIMEOUT)
