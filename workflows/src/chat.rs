@@ -201,7 +201,7 @@ pub async fn question_contexts(
             let mut rows = Vec::with_capacity(askers.len());
             for (at, (id, user_id)) in askers.iter().enumerate() {
                 let row: Option<QuestionContextRow> =
-                    sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+                    sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
                         .bind(id)
                         .bind(user_id)
                         .fetch_optional(&mut *conn)
