@@ -60,6 +60,34 @@ async fn credits_flow(backend: Backend) {
     assert_eq!(s["state"], "settled");
     assert_eq!(s["settled"], 120);
     assert_eq!(app.balance(&key).await, (880, 0));
+    // Its view lists the transfers that made and closed it (found by their derived ids).
+    let shown = json_of(
+        app.get(&key, &format!("/v1/credits/reservations/{rid}"))
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    let mut moved: Vec<(String, i64)> = shown["transfers"]
+        .as_array()
+        .expect("transfers")
+        .iter()
+        .map(|t| {
+            (
+                t["kind"].as_str().unwrap_or_default().to_owned(),
+                t["amount"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    moved.sort();
+    assert_eq!(
+        moved,
+        [
+            ("refund".to_owned(), 180),
+            ("reserve".to_owned(), 300),
+            ("settle".to_owned(), 120)
+        ],
+        "{shown}"
+    );
     let again = json_of(
         app.post(&key, &path, json!({ "amount": 120 })).await,
         StatusCode::OK,

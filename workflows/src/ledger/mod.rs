@@ -196,6 +196,15 @@ impl ReservationStep {
         format!("{reservation}/{}", self.name())
     }
 
+    /// The ids every step of these reservations' transfers would have: a reservation's
+    /// transfers are found by primary key (there is no index on their `reservation_id`).
+    fn ids_of(reservations: &[String]) -> Vec<String> {
+        reservations
+            .iter()
+            .flat_map(|r| ReservationStep::ALL.map(|s| s.id(r)))
+            .collect()
+    }
+
     /// Which step of `reservation` a transfer with this id is, if it is one.
     pub fn of(transfer_id: &str, reservation: &str) -> Option<ReservationStep> {
         let name = transfer_id.strip_prefix(reservation)?.strip_prefix('/')?;
@@ -412,19 +421,25 @@ pub(crate) async fn transfers_of_reservations(
     ids: &[String],
 ) -> Result<Vec<Transfer>, DbError> {
     let mut out = Vec::new();
+    // Four step ids per reservation, bound one by one: SQLite allows 32,766 bound values.
     for chunk in ids.chunks(1000) {
+        let steps = ReservationStep::ids_of(chunk);
         let rows: Vec<Transfer> = with_tx!(tx, conn => {
             let mut qb = sqlx::QueryBuilder::new(format!(
-                "SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE reservation_id IN ("
+                "SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE id IN ("
             ));
             let mut list = qb.separated(", ");
-            for id in chunk {
+            for id in &steps {
                 list.push_bind(id);
             }
             qb.push(") ORDER BY created_at, id");
             qb.build_query_as().fetch_all(&mut *conn).await?
         });
-        out.extend(rows);
+        out.extend(rows.into_iter().filter(|t| {
+            t.reservation_id
+                .as_deref()
+                .is_some_and(|r| ReservationStep::of(&t.id, r).is_some())
+        }));
     }
     Ok(out)
 }
@@ -497,11 +512,21 @@ pub async fn reservation(
     let Some(r) = r.filter(|r| owner.is_none_or(|o| o == r.user_id)) else {
         return Ok(None);
     };
+    // By primary key: a reservation's transfers have its steps' ids.
+    let [a, b, c, d] = ReservationStep::ALL.map(|s| s.id(id));
     let sql = format!(
-        "SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE reservation_id = $1 ORDER BY created_at, id"
+        "SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE id IN ($1, $2, $3, $4) \
+         AND reservation_id = $5 ORDER BY created_at, id"
     );
     let transfers: Vec<Transfer> = with_pool!(db, pool => {
-        sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).fetch_all(pool).await?
+        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(&a)
+            .bind(&b)
+            .bind(&c)
+            .bind(&d)
+            .bind(id)
+            .fetch_all(pool)
+            .await?
     });
     Ok(Some((r, transfers)))
 }
