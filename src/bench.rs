@@ -75,6 +75,11 @@ pub struct BenchArgs {
     /// With --ledger: group-commit shards (transactions in flight at once) on Postgres.
     #[arg(long, default_value_t = 4)]
     pub shards: usize,
+    /// With --ai: rounds of chat then echo per backend and worker count, each printed; with
+    /// more than one, a row of their medians follows (the machine's speed drifts from one run
+    /// to the next, so one round's ratio can be off by a third).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// One JSON object per scenario on stdout (one line each); the table goes to stderr.
     #[arg(long)]
     pub json: bool,

@@ -27,9 +27,9 @@ const PER_CONVERSATION: usize = 10;
 
 pub async fn run(cfg: Config, args: BenchArgs) -> Result<(), CliError> {
     let counts = args.worker_counts()?;
-    if args.jobs == 0 || args.http_connections == 0 {
+    if args.jobs == 0 || args.http_connections == 0 || args.rounds == 0 {
         return Err(CliError::usage(
-            "--jobs and --http-connections must be at least 1",
+            "--jobs, --http-connections and --rounds must be at least 1",
         ));
     }
     let out = args.out();
@@ -50,36 +50,64 @@ pub async fn run(cfg: Config, args: BenchArgs) -> Result<(), CliError> {
         "chat / echo"
     ));
     let provider = instant_provider().await?;
+    let row = |f: &ChatFigures| {
+        format!(
+            "{:<9} {:>7} {:>14.0} {:>20.2} {:>20.2} {:>14.0} {:>12.3}x",
+            f.backend,
+            f.workers,
+            f.chat_per_s,
+            f.overhead_p50_ms,
+            f.overhead_p99_ms,
+            f.echo_drain_per_s,
+            f.chat_vs_echo
+        )
+    };
     for backend in &args.backends {
         for &workers in counts {
-            let fresh = crate::bench::fresh_database(backend, &args).await?;
-            let result = bench_backend(&cfg, &args, workers, &fresh.url, &provider).await;
-            fresh.drop_database(&args).await;
-            let mut figures = result?;
-            figures.backend = backend.clone();
-            // The echo drain of the same run, same jobs and worker processes: what a chat job
-            // costs against the engine's bare round trip.
-            let fresh = crate::bench::fresh_database(backend, &args).await?;
-            let echo =
-                crate::bench::bench_backend(&cfg, &args, backend, &fresh.url, workers, false).await;
-            fresh.drop_database(&args).await;
-            let ((_, drain_per_s), _) = echo?;
-            figures.echo_drain_per_s = drain_per_s.round();
-            figures.chat_vs_echo = (figures.chat_per_s / drain_per_s * 1000.0).round() / 1000.0;
-            out.scenario(
-                format!(
-                    "{backend:<9} {workers:>7} {:>14.0} {:>20.2} {:>20.2} {:>14.0} {:>12.3}x",
-                    figures.chat_per_s,
-                    figures.overhead_p50_ms,
-                    figures.overhead_p99_ms,
-                    figures.echo_drain_per_s,
-                    figures.chat_vs_echo
-                ),
-                &figures,
-            );
+            let mut rounds = Vec::with_capacity(args.rounds);
+            for round in 1..=args.rounds {
+                let fresh = crate::bench::fresh_database(backend, &args).await?;
+                let result = bench_backend(&cfg, &args, workers, &fresh.url, &provider).await;
+                fresh.drop_database(&args).await;
+                let mut figures = result?;
+                figures.backend = backend.clone();
+                figures.round = Some(round);
+                // The echo drain of the same round, same jobs and worker processes: what a
+                // chat job costs against the engine's bare round trip.
+                let fresh = crate::bench::fresh_database(backend, &args).await?;
+                let echo =
+                    crate::bench::bench_backend(&cfg, &args, backend, &fresh.url, workers, false)
+                        .await;
+                fresh.drop_database(&args).await;
+                let ((_, drain_per_s), _) = echo?;
+                figures.echo_drain_per_s = drain_per_s.round();
+                figures.chat_vs_echo = ratio(figures.chat_per_s, drain_per_s);
+                out.scenario(row(&figures), &figures);
+                rounds.push(figures);
+            }
+            if rounds.len() > 1 {
+                let median = ChatFigures::median(rounds);
+                out.scenario(format!("{} (median)", row(&median)), &median);
+            }
         }
     }
     Ok(())
+}
+
+/// `a / b` to three decimals.
+fn ratio(a: f64, b: f64) -> f64 {
+    (a / b * 1000.0).round() / 1000.0
+}
+
+/// The median of `values` (the mean of the middle two for an even count); 0 for none.
+fn median<T: Copy + Into<f64>>(values: impl Iterator<Item = T>) -> f64 {
+    let mut v: Vec<f64> = values.map(Into::into).collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// The chat scenario's figures for one backend and one worker count.
@@ -100,8 +128,38 @@ struct ChatFigures {
     claimed_to_finished_ms: i64,
     /// `echo` jobs drained per second by as many worker processes, in the same run.
     echo_drain_per_s: f64,
-    /// `chat_per_s` over `echo_drain_per_s`.
+    /// `chat_per_s` over `echo_drain_per_s`; in the medians' row, the median of the rounds'
+    /// ratios.
     chat_vs_echo: f64,
+    /// Which of `--rounds` this is (from 1); none in the row of the rounds' medians.
+    round: Option<usize>,
+}
+
+impl ChatFigures {
+    /// Each figure's median over the rounds (of one backend and worker count).
+    fn median(rounds: Vec<ChatFigures>) -> ChatFigures {
+        let of = |f: fn(&ChatFigures) -> f64| median(rounds.iter().map(f));
+        let ms = |f: fn(&ChatFigures) -> i64| median(rounds.iter().map(|r| f(r) as f64)) as i64;
+        ChatFigures {
+            backend: rounds
+                .first()
+                .map(|r| r.backend.clone())
+                .unwrap_or_default(),
+            scenario: "chat",
+            jobs: rounds.first().map_or(0, |r| r.jobs),
+            workers: rounds.first().map_or(0, |r| r.workers),
+            connections: rounds.first().map_or(0, |r| r.connections),
+            chat_per_s: of(|r| r.chat_per_s).round(),
+            overhead_p50_ms: of(|r| r.overhead_p50_ms),
+            overhead_p99_ms: of(|r| r.overhead_p99_ms),
+            submit_to_stored_ms: ms(|r| r.submit_to_stored_ms),
+            stored_to_claimed_ms: ms(|r| r.stored_to_claimed_ms),
+            claimed_to_finished_ms: ms(|r| r.claimed_to_finished_ms),
+            echo_drain_per_s: of(|r| r.echo_drain_per_s).round(),
+            chat_vs_echo: (of(|r| r.chat_vs_echo) * 1000.0).round() / 1000.0,
+            round: None,
+        }
+    }
 }
 
 /// An OpenAI-compatible chat endpoint that answers at once.
@@ -347,6 +405,7 @@ async fn bench_backend(
         claimed_to_finished_ms: ran,
         echo_drain_per_s: 0.0,
         chat_vs_echo: 0.0,
+        round: None,
     })
 }
 

@@ -643,7 +643,7 @@ async fn bench_prints_one_json_line_per_scenario(backend: Backend) {
     }
     assert!(lines[3]["entries"].as_u64().unwrap() >= 600, "{}", lines[3]);
 
-    // Chat jobs end to end.
+    // Chat jobs end to end, in two rounds and their medians.
     let lines = bench_json(
         backend,
         &admin,
@@ -655,32 +655,68 @@ async fn bench_prints_one_json_line_per_scenario(backend: Backend) {
             "1",
             "--http-connections",
             "8",
+            "--rounds",
+            "2",
         ],
     )
     .await;
-    assert_eq!(lines.len(), 1, "{lines:?}");
-    assert_eq!(lines[0]["scenario"], "chat");
-    assert_eq!(lines[0]["jobs"], 100);
-    assert!(
-        lines[0]["chat_per_s"].as_f64().unwrap() > 0.0,
-        "{}",
-        lines[0]
-    );
-    assert!(
-        lines[0]["overhead_p50_ms"].as_f64().unwrap() > 0.0,
-        "{}",
-        lines[0]
-    );
-    let (chat, echo) = (
-        lines[0]["chat_per_s"].as_f64().unwrap(),
-        lines[0]["echo_drain_per_s"].as_f64().unwrap(),
-    );
-    assert!(echo > 0.0, "{}", lines[0]);
-    let ratio = lines[0]["chat_vs_echo"].as_f64().unwrap();
-    assert!((ratio - chat / echo).abs() < 0.01, "{}", lines[0]);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let figure = |line: &serde_json::Value, name: &str| {
+        line[name]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name} in {line}"))
+    };
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["scenario"], "chat", "{line}");
+        assert_eq!(line["jobs"], 100, "{line}");
+        let round = (i < 2).then_some(i + 1);
+        assert_eq!(line["round"], serde_json::json!(round), "{line}");
+        assert!(figure(line, "chat_per_s") > 0.0, "{line}");
+        assert!(figure(line, "overhead_p50_ms") > 0.0, "{line}");
+        assert!(figure(line, "echo_drain_per_s") > 0.0, "{line}");
+    }
+    for line in &lines[..2] {
+        let ratio = figure(line, "chat_vs_echo");
+        let (chat, echo) = (figure(line, "chat_per_s"), figure(line, "echo_drain_per_s"));
+        assert!((ratio - chat / echo).abs() < 0.01, "{line}");
+    }
+    // The medians' row: of two rounds, the mean of the two.
+    // (Rounded: jobs/s to whole numbers, the ratio to three decimals.)
+    for (name, rounding) in [
+        ("chat_per_s", 1.0),
+        ("echo_drain_per_s", 1.0),
+        ("chat_vs_echo", 0.002),
+    ] {
+        let (a, b, m) = (
+            figure(&lines[0], name),
+            figure(&lines[1], name),
+            figure(&lines[2], name),
+        );
+        assert!(
+            (m - (a + b) / 2.0).abs() <= rounding,
+            "{name}: median {m} of {a} and {b}"
+        );
+    }
 }
 
 crate::both_backends!(bench_prints_one_json_line_per_scenario);
+
+#[tokio::test]
+async fn bench_refuses_zero_rounds() {
+    let (code, out, err) = output(tally().args([
+        "bench",
+        "--ai",
+        "--rounds",
+        "0",
+        "--backends",
+        "sqlite",
+        "--json",
+    ]))
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--rounds"), "{err}");
+    assert!(out.is_empty(), "nothing on stdout: {out}");
+}
 
 #[tokio::test]
 async fn bench_refuses_bad_worker_counts() {
