@@ -1195,7 +1195,67 @@ async fn a_missing_known_account_is_created_again(backend: Backend) {
     app.stop().await;
 }
 
+/// A transfer that names a reservation is one of its steps (`<id>/hold|settle|refund|release`):
+/// a reservation's transfers are read by those ids. Any other id is refused, and nothing moves.
+async fn a_reservations_transfer_must_be_one_of_its_steps(backend: Backend) {
+    use tally_workflows::ledger::{self, LedgerError, Op, TransferSpec};
+    let Some(app) = TestApp::spawn_api_only(backend).await else {
+        return;
+    };
+    let key = app.user_key.clone();
+    app.grant(&app.user_id, 50).await;
+    let r = json_of(
+        app.post(
+            &key,
+            "/v1/credits/reserve",
+            json!({ "amount": 20, "expires_in_s": 600 }),
+        )
+        .await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let rid = r["id"].as_str().expect("id").to_owned();
+    let transfer = |id: String| {
+        Op::Transfer(TransferSpec {
+            id,
+            debit: tally_ledger::accounts::held(&app.user_id),
+            credit: tally_ledger::accounts::REVENUE.to_owned(),
+            amount: 5,
+            kind: "settle".to_owned(),
+            user_id: Some(app.user_id.clone()),
+            reservation_id: Some(rid.clone()),
+            job_id: None,
+            memo: None,
+        })
+    };
+    for id in [
+        format!("{rid}-extra"),
+        format!("{rid}/other"),
+        "x/settle".to_owned(),
+    ] {
+        let done = ledger::run_one(&app.db, transfer(id.clone())).await;
+        assert!(
+            matches!(&done, Err(LedgerError::Invalid(m)) if m.contains("must be one of its steps")),
+            "{id}: {done:?}"
+        );
+    }
+    assert_eq!(app.balance(&key).await, (30, 20));
+    let shown = json_of(
+        app.get(&key, &format!("/v1/credits/reservations/{rid}"))
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        shown["transfers"].as_array().map(Vec::len),
+        Some(1),
+        "{shown}"
+    );
+    app.stop().await;
+}
+
 crate::both_backends!(
+    a_reservations_transfer_must_be_one_of_its_steps,
     a_missing_known_account_is_created_again,
     credits_flow,
     reservations_expire,

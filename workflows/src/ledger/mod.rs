@@ -107,6 +107,14 @@ impl TransferSpec {
                 "a transfer must move credits between two different accounts".to_owned(),
             ));
         }
+        // A reservation's transfers are found by their ids (see `ReservationStep::ids_of`).
+        if let Some(r) = &self.reservation_id
+            && ReservationStep::of(&self.id, r).is_none()
+        {
+            return Err(LedgerError::Invalid(format!(
+                "a transfer of reservation {r} must be one of its steps ({r}/hold, /settle, /refund or /release)"
+            )));
+        }
         Ok(())
     }
 
