@@ -78,34 +78,28 @@ const LEDGER_SHARDS: usize = 4;
 impl AppState {
     /// Must be called inside a Tokio runtime: it starts the batchers.
     pub fn new(db: Db, cfg: Config, ledger_keys: Keys) -> AppState {
-        let submissions = {
-            let db = db.clone();
-            Batcher::spawn(MAX_SUBMIT_BATCH, move |jobs: Vec<NewJob>| {
-                let db = db.clone();
-                async move { tally_workflows::jobs::submit_many(&db, jobs).await }
-            })
-        };
+        let submissions = Batcher::spawn_with(
+            db.clone(),
+            MAX_SUBMIT_BATCH,
+            |db: Db, jobs: Vec<NewJob>| async move {
+                tally_workflows::jobs::submit_many(&db, jobs).await
+            },
+        );
         let ledger = tally_workflows::ledger::Writer::spawn(&db, LEDGER_SHARDS, MAX_SUBMIT_BATCH);
-        let questions = {
-            let db = db.clone();
-            Batcher::spawn(
-                MAX_SUBMIT_BATCH,
-                move |qs: Vec<tally_workflows::chat::Question>| {
-                    let db = db.clone();
-                    async move { tally_workflows::chat::ask_many(&db, qs).await }
-                },
-            )
-        };
-        let question_contexts = {
-            let db = db.clone();
-            Batcher::spawn(
-                MAX_SUBMIT_BATCH,
-                move |askers: Vec<tally_workflows::chat::Asker>| {
-                    let db = db.clone();
-                    async move { tally_workflows::chat::question_contexts(&db, askers).await }
-                },
-            )
-        };
+        let questions = Batcher::spawn_with(
+            db.clone(),
+            MAX_SUBMIT_BATCH,
+            |db: Db, qs: Vec<tally_workflows::chat::Question>| async move {
+                tally_workflows::chat::ask_many(&db, qs).await
+            },
+        );
+        let question_contexts = Batcher::spawn_with(
+            db.clone(),
+            MAX_SUBMIT_BATCH,
+            |db: Db, askers: Vec<tally_workflows::chat::Asker>| async move {
+                tally_workflows::chat::question_contexts(&db, askers).await
+            },
+        );
         // The configuration was validated with the same rule, so this cannot fail here; if it
         // did, the offline models are the safe catalog (they never reach the network).
         let catalog = tally_workflows::ai::Catalog::from_config(&cfg.ai)

@@ -117,23 +117,23 @@ impl WorkerPool {
             .iter()
             .map(|q| format!("{}/{q}", self.name))
             .collect();
-        let finishes = {
-            let (db, name) = (self.db.clone(), self.name.clone());
-            let pause = Duration::from_millis(w.settle_pause_ms);
-            Batcher::spawn(MAX_BATCH, move |items: Vec<Finish>| {
-                let (db, name) = (db.clone(), name.clone());
-                async move { jobs::finish_many(&db, &name, items, pause).await }
-            })
-        };
+        let pause = Duration::from_millis(w.settle_pause_ms);
+        let finishes = Batcher::spawn_with(
+            (self.db.clone(), self.name.clone()),
+            MAX_BATCH,
+            move |(db, name): (Db, String), items: Vec<Finish>| async move {
+                jobs::finish_many(&db, &name, items, pause).await
+            },
+        );
         let mut ai = crate::ai::Services::from_config(&self.cfg.ai, self.cfg.image_dir())
             .map_err(|e| DbError::Queue(format!("AI providers: {e}")))?;
-        ai.histories = Some({
-            let db = self.db.clone();
-            Batcher::spawn(MAX_BATCH, move |jobs: Vec<String>| {
-                let db = db.clone();
-                async move { tally_workflows::chat::histories_for(&db, jobs).await }
-            })
-        });
+        ai.histories = Some(Batcher::spawn_with(
+            self.db.clone(),
+            MAX_BATCH,
+            |db: Db, jobs: Vec<String>| async move {
+                tally_workflows::chat::histories_for(&db, jobs).await
+            },
+        ));
         let rt = Arc::new(Runtime {
             ai,
             db: self.db.clone(),

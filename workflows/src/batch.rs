@@ -75,6 +75,17 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         Batcher { tx }
     }
 
+    /// [`Batcher::spawn`] for a batch that needs shared state (a database handle): each batch
+    /// gets its own clone of `state`.
+    pub fn spawn_with<S, F, Fut>(state: S, max_batch: usize, run: F) -> Self
+    where
+        S: Clone + Send + Sync + 'static,
+        F: Fn(S, Vec<Req>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<Resp>, DbError>> + Send,
+    {
+        Self::spawn(max_batch, move |reqs| run(state.clone(), reqs))
+    }
+
     /// Queues one request and waits for its answer.
     pub async fn call(&self, req: Req) -> Result<Resp, DbError> {
         let (reply, answer) = oneshot::channel();
@@ -97,15 +108,16 @@ mod tests {
     #[tokio::test]
     async fn answers_each_caller_in_order_and_groups_concurrent_calls() {
         let batches = Arc::new(AtomicUsize::new(0));
-        let seen = batches.clone();
-        let doubler = Batcher::spawn(64, move |reqs: Vec<u32>| {
-            let seen = seen.clone();
-            async move {
+        // Each batch gets its own clone of the state (here the batch counter).
+        let doubler = Batcher::spawn_with(
+            batches.clone(),
+            64,
+            |seen: Arc<AtomicUsize>, reqs: Vec<u32>| async move {
                 seen.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 Ok(reqs.into_iter().map(|r| r * 2).collect())
-            }
-        });
+            },
+        );
         let calls = (0..200u32).map(|i| {
             let d = doubler.clone();
             async move { (i, d.call(i).await) }

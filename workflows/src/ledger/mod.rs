@@ -392,10 +392,8 @@ impl Writer {
         };
         let shards = (0..n)
             .map(|_| {
-                let db = db.clone();
-                Batcher::spawn(max_batch, move |ops: Vec<Op>| {
-                    let db = db.clone();
-                    async move { run(&db, ops).await }
+                Batcher::spawn_with(db.clone(), max_batch, |db: Db, ops: Vec<Op>| async move {
+                    run(&db, ops).await
                 })
             })
             .collect();
